@@ -1,0 +1,12 @@
+"""ttpeft: tensor-train parameter-efficient fine-tuning, as peft methods.
+
+Importing ttpeft registers its methods with peft, so ``get_peft_model``, ``save_pretrained`` and
+``PeftModel.from_pretrained`` work for them as for LoRA.
+"""
+
+from .tensor_train import TensorTrain, tt_num_params, tt_svd
+from .tuners.ttlora import TTLoraConfig, TTLoraModel
+
+__version__ = "0.1.0"
+
+__all__ = ["TTLoraConfig", "TTLoraModel", "TensorTrain", "tt_num_params", "tt_svd", "__version__"]

@@ -1,0 +1,1 @@
+"""peft tuners for the tensor-train methods (config / layer / model per method)."""

@@ -1,0 +1,153 @@
+"""TT-LoRA layers: ``y = W0 x + alpha * ΔW x`` with ΔW one tensor train per adapter."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ...shapes import auto_ttlora_shape, check_ttlora_ranks, factorisation_note
+from ...tt_matrix import init_tt_matrix_cores, thin_factors
+from .config import TTLoraConfig
+
+
+def base_layer_features(base_layer: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a supported base layer."""
+    if isinstance(base_layer, nn.Linear):
+        return base_layer.in_features, base_layer.out_features
+    if isinstance(base_layer, Conv1D):
+        weight = base_layer.weight
+        in_features, out_features = weight.ds_shape if hasattr(weight, "ds_shape") else weight.shape
+        return in_features, out_features
+    raise TypeError(f"unsupported layer type {type(base_layer).__name__}: TT-LoRA adapts nn.Linear and Conv1D")
+
+
+class TTLoraLayer(BaseTunerLayer):
+    """The adapter state shared by every TT-LoRA layer type."""
+
+    adapter_layer_names = ("ttlora_cores",)
+    other_param_names = ("ttlora_shape", "ttlora_alpha", "ttlora_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.ttlora_cores = nn.ModuleDict({})  # adapter -> nn.ParameterList of cores (r_{k-1}, n_k, r_k)
+        self.ttlora_shape: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self.ttlora_alpha: dict[str, float] = {}
+        self.ttlora_dropout = nn.ModuleDict({})
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        self.in_features, self.out_features = base_layer_features(self.get_base_layer())
+
+    def resolve_shape(self, config: TTLoraConfig, module_name: str):
+        if config.tt_shape is None:
+            shape = auto_ttlora_shape(self.in_features, self.out_features, config.tt_rank, config.factors_per_side)
+            for side, size in (("input", self.in_features), ("output", self.out_features)):
+                note = factorisation_note(size, config.factors_per_side)
+                if note:
+                    warnings.warn(f"TT-LoRA on {module_name!r}: {side} features {note}.", stacklevel=4)
+            return shape
+        in_factors, out_factors = (tuple(side) for side in config.tt_shape)
+        if math.prod(in_factors) != self.in_features or math.prod(out_factors) != self.out_features:
+            raise ValueError(
+                f"TT-LoRA on {module_name!r}: tt_shape {list(in_factors)} | {list(out_factors)} has products "
+                f"{math.prod(in_factors)} -> {math.prod(out_factors)}, but the layer is {self.in_features} -> "
+                f"{self.out_features}; valid tt_shape: input factors multiplying to {self.in_features} and output "
+                f"factors multiplying to {self.out_features} (or tt_shape=None to derive one per layer)"
+            )
+        return in_factors, out_factors
+
+    def update_layer(self, adapter_name: str, config: TTLoraConfig, module_name: str = "") -> None:
+        in_factors, out_factors = self.resolve_shape(config, module_name)
+        shape = in_factors + out_factors
+        ranks = check_ttlora_ranks(shape, config.tt_rank, f"TT-LoRA on {module_name!r}")
+        cores = init_tt_matrix_cores(shape, ranks, len(in_factors), zero_last=config.init == "zero")
+        self.ttlora_cores[adapter_name] = nn.ParameterList([nn.Parameter(core) for core in cores])
+        self.ttlora_shape[adapter_name] = (in_factors, out_factors)
+        self.ttlora_alpha[adapter_name] = float(config.alpha)
+        self.ttlora_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def adapter_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Thin factors ``A (in x r)`` and ``B (r x out)`` with ``ΔW^T = A @ B``."""
+        cores = list(self.ttlora_cores[adapter_name])
+        return thin_factors(cores, len(self.ttlora_shape[adapter_name][0]))
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``alpha * ΔW`` in ``(out, in)`` layout, in float32 at least."""
+        row_factor, col_factor = self.adapter_factors(adapter_name)
+        if row_factor.dtype in (torch.float16, torch.bfloat16):  # merge in fp32, cast by the caller
+            row_factor, col_factor = row_factor.float(), col_factor.float()
+        return self.ttlora_alpha[adapter_name] * (row_factor @ col_factor).T
+
+
+class TTLoraLinear(nn.Module, TTLoraLayer):
+    """TT-LoRA around an ``nn.Linear`` or a transformers ``Conv1D``."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: TTLoraConfig, module_name: str = "",
+                 **kwargs) -> None:
+        super().__init__()
+        TTLoraLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, module_name=module_name)
+
+    def _weight_delta(self, adapter_name: str, dtype: torch.dtype) -> torch.Tensor:
+        delta = self.get_delta_weight(adapter_name)
+        return (delta.T if self.fan_in_fan_out else delta).to(dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        base_layer = self.get_base_layer()
+        for adapter_name in adapter_names:
+            if adapter_name not in self.ttlora_cores:
+                continue
+            delta = self._weight_delta(adapter_name, base_layer.weight.dtype)
+            if safe_merge:
+                merged = base_layer.weight.data + delta
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs detected in the merged weights: adapter {adapter_name!r} seems broken")
+                base_layer.weight.data = merged
+            else:
+                base_layer.weight.data += delta
+            self.merged_adapters.append(adapter_name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base_layer = self.get_base_layer()
+        while self.merged_adapters:
+            adapter_name = self.merged_adapters.pop()
+            if adapter_name in self.ttlora_cores:
+                base_layer.weight.data -= self._weight_delta(adapter_name, base_layer.weight.dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for adapter_name in self.active_adapters:
+            if adapter_name not in self.ttlora_cores:
+                continue
+            row_factor, col_factor = self.adapter_factors(adapter_name)
+            # Compute in the activations' dtype (under autocast the matmuls autocast): the factors are thin,
+            # so casting them is cheap, unlike upcasting the activations.
+            h = self.ttlora_dropout[adapter_name](x)
+            update = (h @ row_factor.to(h.dtype)) @ col_factor.to(h.dtype)
+            result = result + (self.ttlora_alpha[adapter_name] * update).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "ttlora." + super().__repr__()

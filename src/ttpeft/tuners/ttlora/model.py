@@ -1,0 +1,47 @@
+"""The TT-LoRA tuner: injects TTLoraLinear layers into a model (peft's BaseTuner)."""
+
+from __future__ import annotations
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..state_dict_checks import check_adapter_state_dict_shapes
+from .config import TTLoraConfig
+from .layer import TTLoraLayer, TTLoraLinear
+
+
+class TTLoraModel(BaseTuner):
+    """Adds TT-LoRA adapters to the target linear layers of a model.
+
+    Default targets are LoRA's (query/value projections) for architectures peft knows.
+    """
+
+    prefix: str = "ttlora_"
+    tuner_layer_cls = TTLoraLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _create_and_replace(self, config: TTLoraConfig, adapter_name, target, target_name, parent, current_key,
+                            **optional_kwargs):
+        if isinstance(target, TTLoraLayer):
+            target.update_layer(adapter_name, config, module_name=current_key)
+            return
+        base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base_layer, (nn.Linear, Conv1D)):
+            raise ValueError(
+                f"TT-LoRA cannot adapt {current_key!r}: it is a {type(base_layer).__name__}; valid targets are "
+                "nn.Linear and transformers' Conv1D layers"
+            )
+        new_module = TTLoraLinear(target, adapter_name, config, module_name=current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added adapter is not trainable until set active
+        self._replace_module(parent, target_name, new_module, target)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_adapter_state_dict_shapes(model, remapped, cls.prefix)
+        return remapped
+
+
