@@ -75,7 +75,7 @@ class TTLoraConfig(PeftConfig):
             raise ValueError(f"TTLoraConfig: dropout={self.dropout!r} must be in [0, 1)")
         if self.factors_per_side < 1:
             raise ValueError(f"TTLoraConfig: factors_per_side={self.factors_per_side!r} must be >= 1")
-        ranks = [self.tt_rank] if isinstance(self.tt_rank, int) else list(self.tt_rank)
+        ranks = list(self.tt_rank) if isinstance(self.tt_rank, (list, tuple)) else [self.tt_rank]
         if not ranks or any(not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in ranks):
             raise ValueError(f"TTLoraConfig: tt_rank={self.tt_rank!r} must be an int >= 1 or a list of them")
         if self.tt_shape is not None:

@@ -1,0 +1,114 @@
+import numpy as np
+import pytest
+import torch
+
+from ttpeft.tensor_train import (
+    TensorTrain,
+    contract_cores,
+    full_ranks,
+    max_useful_ranks,
+    to_dense,
+    tt_num_params,
+    tt_svd,
+)
+from ttpeft.tt_matrix import thin_factors, tt_matrix_dense
+
+
+def einsum_dense(cores):
+    """Reference reconstruction: one explicit einsum over every core."""
+    letters = "abcdefghij"
+    bonds = "ABCDEFGHIJK"
+    terms = [f"{bonds[k]}{letters[k]}{bonds[k + 1]}" for k in range(len(cores))]
+    out = letters[: len(cores)]
+    dense = torch.einsum(",".join(terms) + f"->{bonds[0]}{out}{bonds[len(cores)]}", *cores)
+    return dense[0, ..., 0]
+
+
+@pytest.mark.parametrize("shape,rank", [((5,), 1), ((3, 4), 2), ((2, 3, 4), [2, 3]), ((4, 2, 3, 5, 2), 3)])
+def test_dense_reconstruction_matches_einsum(shape, rank):
+    tt = TensorTrain.random(shape, rank, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert tt.shape == shape
+    assert torch.allclose(tt.to_dense(), einsum_dense(tt.cores))
+    assert tt.num_params() == tt_num_params(shape, rank)
+
+
+def test_parameter_count_formula():
+    # DESIGN §2: the published 768-wide TT-LoRA shape at rank 5 has 990 parameters.
+    assert tt_num_params((64, 4, 3, 3, 4, 64), 5) == 990
+    assert tt_num_params((2, 3, 4), [2, 5]) == 1 * 2 * 2 + 2 * 3 * 5 + 5 * 4 * 1
+
+
+def test_full_ranks_accepts_int_interior_list_and_bounded_list():
+    assert full_ranks(3, 4) == (1, 3, 3, 3, 1)
+    assert full_ranks([2, 3, 4], 4) == (1, 2, 3, 4, 1)
+    assert full_ranks([1, 2, 3, 4, 1], 4) == (1, 2, 3, 4, 1)
+    with pytest.raises(ValueError, match="interior bonds"):
+        full_ranks([2, 3], 4)
+    with pytest.raises(ValueError, match=">= 1"):
+        full_ranks(0, 3)
+    with pytest.raises(ValueError, match="boundary"):
+        full_ranks([2, 2, 3, 4, 1], 4)
+
+
+def test_max_useful_ranks():
+    assert max_useful_ranks((2, 3, 4)) == (1, 2, 4, 1)
+
+
+def test_tt_svd_is_exact_at_full_rank():
+    tensor = torch.randn(3, 4, 5, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    tt = tt_svd(tensor)
+    assert tt.ranks == max_useful_ranks(tensor.shape)
+    assert torch.allclose(tt.to_dense(), tensor, atol=1e-10)
+
+
+def test_tt_svd_of_matrix_equals_best_low_rank_approximation():
+    # For two cores, TT-SVD is a truncated SVD: its error is the Eckart-Young optimum from numpy.
+    matrix = np.random.default_rng(2).standard_normal((12, 9))
+    singular_values = np.linalg.svd(matrix, compute_uv=False)
+    for rank in (1, 3, 8):
+        tt = tt_svd(torch.from_numpy(matrix), max_rank=rank)
+        error = np.linalg.norm(tt.to_dense().numpy() - matrix)
+        assert tt.ranks == (1, rank, 1)
+        assert error == pytest.approx(np.sqrt(np.sum(singular_values[rank:] ** 2)), rel=1e-9)
+
+
+@pytest.mark.parametrize("eps", [0.5, 0.2, 0.05, 0.01])
+def test_tt_svd_respects_relative_error_bound(eps):
+    generator = torch.Generator().manual_seed(3)
+    low_rank = TensorTrain.random((4, 5, 6, 3), 2, generator=generator, dtype=torch.float64).to_dense()
+    tensor = low_rank + 0.05 * torch.randn(low_rank.shape, generator=generator, dtype=torch.float64)
+    tt = tt_svd(tensor, rel_error=eps)
+    error = torch.linalg.norm(tt.to_dense() - tensor) / torch.linalg.norm(tensor)
+    assert error <= eps + 1e-12
+    if eps >= 0.2:  # loose bounds keep only the low-rank part: fewer numbers than the dense tensor
+        assert tt.num_params() < tensor.numel()
+
+
+def test_tt_svd_rank_cap_per_bond_and_combined_with_error():
+    tensor = torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    tt = tt_svd(tensor, max_rank=[2, 3, 2])
+    assert tt.ranks == (1, 2, 3, 2, 1)
+    loose = tt_svd(tensor, max_rank=3, rel_error=0.9)
+    assert max(loose.ranks) <= 3
+
+
+def test_tt_svd_rejects_negative_error():
+    with pytest.raises(ValueError, match="rel_error"):
+        tt_svd(torch.ones(2, 2), rel_error=-0.1)
+
+
+def test_tensor_train_validates_cores():
+    with pytest.raises(ValueError, match="bond"):
+        TensorTrain([torch.ones(1, 2, 3), torch.ones(2, 2, 1)])
+    with pytest.raises(ValueError, match="boundary"):
+        TensorTrain([torch.ones(2, 2, 1)])
+
+
+def test_thin_factors_reproduce_the_dense_tt_matrix():
+    # A TT matrix over (p1, p2 | q1, q2) is the (p1 p2) x (q1 q2) reshape of the dense tensor.
+    tt = TensorTrain.random((3, 4, 2, 5), [2, 3, 2], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    row_factor, col_factor = thin_factors(tt.cores, 2)
+    assert row_factor.shape == (12, 3) and col_factor.shape == (3, 10)
+    assert torch.allclose(row_factor @ col_factor, einsum_dense(tt.cores).reshape(12, 10))
+    assert torch.allclose(tt_matrix_dense(tt.cores, 2), to_dense(tt.cores).reshape(12, 10))
+    assert contract_cores(tt.cores).shape == (120, 1)
