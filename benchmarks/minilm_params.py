@@ -17,7 +17,7 @@ from ttpeft.tuners.ttlora import TTLoraLinear
 def adapter_params(config) -> tuple[int, str]:
     base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
     model = get_peft_model(base, config)
-    shapes = {f"{m.ttlora_shape['default'][0]} | {m.ttlora_shape['default'][1]}"
+    shapes = {f"{m.ttlora_shape['default'][0]} → {m.ttlora_shape['default'][1]}"
               for m in model.modules() if isinstance(m, TTLoraLinear)}
     count = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "classifier" not in n)
     return count, ", ".join(sorted(shapes)) or "-"
