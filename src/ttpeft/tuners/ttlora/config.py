@@ -7,6 +7,7 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from ...contraction import STRATEGY_CHOICES
 from ...registration import ensure_peft_type
 
 TTLORA_INITS = ("zero", "random")
@@ -27,6 +28,8 @@ class TTLoraConfig(PeftConfig):
         init: ``"zero"`` (the last core is zero so ΔW = 0 at the start; default) or ``"random"``
             (every core random, as in the reference code).
         factors_per_side: how many factors an automatic shape splits each of in/out features into.
+        contraction: how ``ΔW x`` is computed: ``"split"`` (two thin GEMMs, default), ``"reconstruct"``
+            or ``"sequential"`` (the published algorithms), or ``"auto"`` (cheapest by a cost model).
     """
 
     target_modules: Optional[Union[list[str], str]] = field(
@@ -43,6 +46,9 @@ class TTLoraConfig(PeftConfig):
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
     init: Literal["zero", "random"] = field(default="zero", metadata={"help": "'zero' (ΔW=0 at start) or 'random'."})
     factors_per_side: int = field(default=3, metadata={"help": "Factors per side for automatic shapes."})
+    contraction: Literal["split", "reconstruct", "sequential", "auto"] = field(
+        default="split", metadata={"help": "How ΔW x is computed: split, reconstruct, sequential or auto."}
+    )
     fan_in_fan_out: bool = field(default=False, metadata={"help": "True for layers storing (in, out) weights."})
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Extra modules to train and save (e.g. a classifier head)."}
@@ -71,6 +77,9 @@ class TTLoraConfig(PeftConfig):
                              "use target_modules")
         if self.init not in TTLORA_INITS:
             raise ValueError(f"TTLoraConfig: init={self.init!r} is invalid; valid values: {TTLORA_INITS}")
+        if self.contraction not in STRATEGY_CHOICES:
+            raise ValueError(f"TTLoraConfig: contraction={self.contraction!r} is invalid; valid values: "
+                             f"{STRATEGY_CHOICES}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"TTLoraConfig: dropout={self.dropout!r} must be in [0, 1)")
         if self.factors_per_side < 1:

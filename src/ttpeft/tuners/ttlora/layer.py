@@ -11,6 +11,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ...contraction import add_reconstruct, add_split, apply_sequential, choose_strategy
+from ...factor_cache import FactorCache, TTMatrixRef
 from ...shapes import auto_ttlora_shape, check_ttlora_ranks, factorisation_note
 from ...tt_matrix import init_tt_matrix_cores, thin_factors
 from .config import TTLoraConfig
@@ -31,7 +33,7 @@ class TTLoraLayer(BaseTunerLayer):
     """The adapter state shared by every TT-LoRA layer type."""
 
     adapter_layer_names = ("ttlora_cores",)
-    other_param_names = ("ttlora_shape", "ttlora_alpha", "ttlora_dropout")
+    other_param_names = ("ttlora_shape", "ttlora_alpha", "ttlora_dropout", "ttlora_contraction")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -39,6 +41,8 @@ class TTLoraLayer(BaseTunerLayer):
         self.ttlora_shape: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self.ttlora_alpha: dict[str, float] = {}
         self.ttlora_dropout = nn.ModuleDict({})
+        self.ttlora_contraction: dict[str, str] = {}
+        self.factor_cache = FactorCache()
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -71,13 +75,28 @@ class TTLoraLayer(BaseTunerLayer):
         self.ttlora_shape[adapter_name] = (in_factors, out_factors)
         self.ttlora_alpha[adapter_name] = float(config.alpha)
         self.ttlora_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.ttlora_contraction[adapter_name] = config.contraction
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def adapter_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Thin factors ``A (in x r)`` and ``B (r x out)`` with ``ΔW^T = A @ B``."""
+        """Thin factors ``A (in x r)`` and ``B (r x out)`` with ``ΔW^T = A @ B`` (float32, unscaled)."""
         cores = list(self.ttlora_cores[adapter_name])
         return thin_factors(cores, len(self.ttlora_shape[adapter_name][0]))
+
+    def factor_ref(self, adapter_name: str) -> TTMatrixRef:
+        """This adapter's TT matrix for the factor cache; ``B`` comes scaled by alpha, in the base dtype."""
+        weight = self.get_base_layer().weight
+        cores = list(self.ttlora_cores[adapter_name])
+        out_dtype = weight.dtype if weight.dtype.is_floating_point else cores[0].dtype
+        return TTMatrixRef(self.factor_cache, adapter_name, cores, len(self.ttlora_shape[adapter_name][0]),
+                           out_dtype, self.ttlora_alpha[adapter_name])
+
+    def tt_matrices_to_prepare(self) -> list[TTMatrixRef]:
+        if self.disable_adapters or self.merged:
+            return []
+        return [self.factor_ref(name) for name in self.active_adapters
+                if name in self.ttlora_cores and self.ttlora_contraction[name] != "sequential"]
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``alpha * ΔW`` in ``(out, in)`` layout, in float32 at least."""
@@ -141,13 +160,28 @@ class TTLoraLinear(nn.Module, TTLoraLayer):
         for adapter_name in self.active_adapters:
             if adapter_name not in self.ttlora_cores:
                 continue
-            row_factor, col_factor = self.adapter_factors(adapter_name)
-            # Compute in the activations' dtype (under autocast the matmuls autocast): the factors are thin,
-            # so casting them is cheap, unlike upcasting the activations.
-            h = self.ttlora_dropout[adapter_name](x)
-            update = (h @ row_factor.to(h.dtype)) @ col_factor.to(h.dtype)
-            result = result + (self.ttlora_alpha[adapter_name] * update).to(result.dtype)
+            # Computed in the output's dtype: the factors are thin, casting them is cheap, unlike
+            # upcasting the activations (under autocast the matmuls autocast anyway).
+            h = self.ttlora_dropout[adapter_name](x).to(result.dtype)
+            strategy = self._strategy(adapter_name, h)
+            if strategy == "sequential":
+                cores = list(self.ttlora_cores[adapter_name])
+                update = apply_sequential(h, cores, len(self.ttlora_shape[adapter_name][0]))
+                result = result + self.ttlora_alpha[adapter_name] * update.to(result.dtype)
+                continue
+            row_factor, col_factor = self.factor_cache.factors(self.factor_ref(adapter_name))
+            add_update = add_split if strategy == "split" else add_reconstruct
+            result = add_update(result, h, row_factor.to(h.dtype), col_factor.to(h.dtype))
         return result
+
+    def _strategy(self, adapter_name: str, h: torch.Tensor) -> str:
+        strategy = self.ttlora_contraction[adapter_name]
+        if strategy != "auto":
+            return strategy
+        cores = self.ttlora_cores[adapter_name]
+        return choose_strategy([tuple(c.shape) for c in cores], len(self.ttlora_shape[adapter_name][0]),
+                               h.numel() // h.shape[-1], h.device.type, h.element_size(),
+                               factors_cached=not torch.is_grad_enabled())
 
     def __repr__(self) -> str:
         return "ttlora." + super().__repr__()

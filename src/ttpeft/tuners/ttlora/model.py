@@ -7,15 +7,17 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..grouped_factors import GroupedFactorsMixin
 from ..state_dict_checks import check_adapter_state_dict_shapes
 from .config import TTLoraConfig
 from .layer import TTLoraLayer, TTLoraLinear
 
 
-class TTLoraModel(BaseTuner):
+class TTLoraModel(GroupedFactorsMixin, BaseTuner):
     """Adds TT-LoRA adapters to the target linear layers of a model.
 
-    Default targets are LoRA's (query/value projections) for architectures peft knows.
+    Default targets are LoRA's (query/value projections) for architectures peft knows. Before each
+    forward, the thin factors of all adapted layers are built together (see ``GroupedFactorsMixin``).
     """
 
     prefix: str = "ttlora_"
