@@ -1,0 +1,114 @@
+"""Configuration of LoRETTA_adp (Yang et al., NAACL 2024): bottleneck adapters whose projections are
+tensor trains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+from transformers.activations import ACT2FN
+
+from ...registration import ensure_peft_type
+from ..loretta_common import LORETTA_INITS, check_common_fields, normalise_shape
+
+# Encoder blocks: an output adapter after each attention-output and FFN-output dense layer.
+_ENCODER_TARGETS = r".*\.output\.dense"
+# LLaMA-family blocks: input adapters before gate_proj/up_proj, an output adapter after down_proj.
+_LLAMA_TARGETS = ["gate_proj", "up_proj", "down_proj"]
+_LLAMA_INPUT_ADAPTERS = ["gate_proj", "up_proj"]
+
+LORETTA_ADP_TARGET_MODULES: dict[str, Union[str, list[str]]] = {
+    "bert": _ENCODER_TARGETS, "roberta": _ENCODER_TARGETS, "xlm-roberta": _ENCODER_TARGETS,
+    "deberta": _ENCODER_TARGETS, "deberta-v2": _ENCODER_TARGETS, "electra": _ENCODER_TARGETS,
+    "llama": _LLAMA_TARGETS, "mistral": _LLAMA_TARGETS, "qwen2": _LLAMA_TARGETS, "qwen3": _LLAMA_TARGETS,
+    "gemma": _LLAMA_TARGETS, "gemma2": _LLAMA_TARGETS,
+}
+LORETTA_ADP_INPUT_ADAPTER_MODULES: dict[str, list[str]] = {
+    model_type: _LLAMA_INPUT_ADAPTERS for model_type, targets in LORETTA_ADP_TARGET_MODULES.items()
+    if targets is _LLAMA_TARGETS
+}
+
+
+@dataclass
+class LorettaAdpConfig(PeftConfig):
+    """LoRETTA_adp: a bottleneck adapter ``h <- h + s * up(act(down(h)))`` whose ``down`` (``h -> m``) and
+    ``up`` (``m -> h``) are tensor trains (with biases, as published).
+
+    An output adapter acts on a target layer's output; an input adapter on its input, before the layer.
+
+    Args:
+        bottleneck_size: ``m`` (the paper uses 64).
+        tensor_rank: TT rank of every bond of ``down`` and ``up`` (the paper uses 5).
+        non_linearity: a transformers activation name (``ACT2FN``), e.g. ``"relu"`` (the paper's choice).
+        scaling: a float, or ``"learned"`` for a trainable scalar per adapter layer (starting at 1).
+        dropout: dropout on the adapter's input.
+        target_modules: module names or a regex; ``None``: after every ``*.output.dense`` of BERT/RoBERTa/
+            DeBERTa blocks, and around ``gate_proj``/``up_proj``/``down_proj`` of LLaMA-family models.
+        input_adapter_modules: which targets get their adapter on the input instead of the output (name
+            suffixes); ``None``: ``gate_proj``/``up_proj`` for LLaMA-family models, none otherwise.
+        down_tensor_shape / up_tensor_shape: explicit train shapes (multiplying to ``h * m``); ``None``
+            uses the published shape where the reference has one and a factorisation otherwise.
+        init: ``"zero"`` (up's last core and biases zero: the model starts at the base model; default) or
+            ``"reference"`` (every core random as published, so it does not).
+        train_layernorms: train (and save) every layer norm, as in the paper (default True).
+        tensorised_head / head_tensor_shape: as for LoRETTA_rep.
+        modules_to_save: extra modules to train and save (peft semantics).
+    """
+
+    bottleneck_size: int = field(default=64, metadata={"help": "Adapter bottleneck m."})
+    tensor_rank: int = field(default=5, metadata={"help": "TT rank of the down and up trains."})
+    non_linearity: str = field(default="relu", metadata={"help": "Activation name (transformers ACT2FN)."})
+    scaling: Union[float, str] = field(default=1.0, metadata={"help": "Adapter output scale, or 'learned'."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or regex to adapt."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or regex to leave out."}
+    )
+    input_adapter_modules: Optional[list[str]] = field(
+        default=None, metadata={"help": "Targets whose adapter acts on their input (name suffixes)."}
+    )
+    down_tensor_shape: Optional[list[int]] = field(default=None, metadata={"help": "Train shape of down (h * m)."})
+    up_tensor_shape: Optional[list[int]] = field(default=None, metadata={"help": "Train shape of up (m * h)."})
+    init: Literal["zero", "reference"] = field(
+        default="zero", metadata={"help": "'zero' (start at the base model) or 'reference' (published init)."}
+    )
+    train_layernorms: bool = field(default=True, metadata={"help": "Train and save every layer norm."})
+    tensorised_head: bool = field(default=False, metadata={"help": "Replace the head's dense layer by a TT layer."})
+    head_tensor_shape: Optional[list[int]] = field(default=None, metadata={"help": "Train shape of the head layer."})
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra modules to train and save (e.g. a classifier)."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt these layer indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list, when layers_to_transform is set."}
+    )
+    target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "Unsupported; must be None."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = ensure_peft_type("loretta_adp")
+        check_common_fields(self, "LorettaAdpConfig", LORETTA_INITS)
+        for name in ("bottleneck_size", "tensor_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LorettaAdpConfig: {name}={value!r} is invalid; valid: an int >= 1")
+        if self.non_linearity not in ACT2FN:
+            raise ValueError(f"LorettaAdpConfig: non_linearity={self.non_linearity!r} is invalid; valid: "
+                             f"{sorted(ACT2FN)}")
+        if self.scaling != "learned" and (isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float))):
+            raise ValueError(f"LorettaAdpConfig: scaling={self.scaling!r} is invalid; valid: a float or 'learned'")
+        if isinstance(self.scaling, int):
+            self.scaling = float(self.scaling)
+        if self.input_adapter_modules is not None:
+            if isinstance(self.input_adapter_modules, str) or any(
+                    not isinstance(m, str) for m in self.input_adapter_modules):
+                raise ValueError(f"LorettaAdpConfig: input_adapter_modules={self.input_adapter_modules!r} is "
+                                 "invalid; valid: None or a list of module names, e.g. ['gate_proj', 'up_proj']")
+            self.input_adapter_modules = list(self.input_adapter_modules)
+        self.down_tensor_shape = normalise_shape(self.down_tensor_shape, "LorettaAdpConfig", "down_tensor_shape")
+        self.up_tensor_shape = normalise_shape(self.up_tensor_shape, "LorettaAdpConfig", "up_tensor_shape")

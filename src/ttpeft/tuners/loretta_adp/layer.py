@@ -1,0 +1,180 @@
+"""LoRETTA_adp layers: a tensorised bottleneck adapter on a layer's input or output."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.activations import ACT2FN
+
+from ...loretta_shapes import factor_shape
+from ...shapes import factorisation_note
+from ..loretta_common import (
+    TensorisedHead,
+    apply_factors,
+    cores_reference,
+    cores_with_entry_std,
+    cores_zero_last,
+    resolve_weight_shape,
+    tt_params,
+    tt_weight_factors,
+    uniform_ranks,
+)
+from ..ttlora.layer import base_layer_features
+from .config import LorettaAdpConfig
+
+PLACEMENTS = ("input", "output")
+
+
+def merge_error(adapter_names) -> ValueError:
+    return ValueError(
+        f"LoRETTA_adp adapters {list(adapter_names)} cannot be merged into the base weights: the adapter "
+        "h + s * up(act(down(h))) has a non-linearity, so it is not a change of the layer's weight. Keep the "
+        "PeftModel for inference, or use unload() to drop the adapters."
+    )
+
+
+class LorettaAdpLayer(BaseTunerLayer):
+    """The adapter state shared by every LoRETTA_adp layer type.
+
+    ``down`` is held as an ``h x m`` matrix and ``up`` as ``m x h`` (``x @ W`` layout), where ``h`` is the
+    width the adapter acts on: the layer's input features (input adapter) or output features.
+    """
+
+    adapter_layer_names = ("loretta_adp_down", "loretta_adp_up", "loretta_adp_down_bias", "loretta_adp_up_bias",
+                           "loretta_adp_scale")
+    other_param_names = ("loretta_adp_placement", "loretta_adp_width", "loretta_adp_fixed_scale",
+                         "loretta_adp_act", "loretta_adp_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.loretta_adp_down = nn.ModuleDict({})
+        self.loretta_adp_up = nn.ModuleDict({})
+        self.loretta_adp_down_bias = nn.ParameterDict({})
+        self.loretta_adp_up_bias = nn.ParameterDict({})
+        self.loretta_adp_scale = nn.ParameterDict({})  # only for scaling="learned"
+        self.loretta_adp_placement: dict[str, str] = {}
+        self.loretta_adp_width: dict[str, int] = {}
+        self.loretta_adp_fixed_scale: dict[str, float] = {}
+        self.loretta_adp_act = nn.ModuleDict({})
+        self.loretta_adp_dropout = nn.ModuleDict({})
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        self.in_features, self.out_features = base_layer_features(self.get_base_layer())
+
+    def update_layer(self, adapter_name: str, config: LorettaAdpConfig, module_name: str = "",
+                     placement: str = "output") -> None:
+        where = f"LoRETTA_adp on {module_name!r}"
+        if placement not in PLACEMENTS:
+            raise ValueError(f"{where}: placement={placement!r} is invalid; valid: {PLACEMENTS}")
+        width = self.in_features if placement == "input" else self.out_features
+        m = config.bottleneck_size
+        note = factorisation_note(width, 2)
+        if note and (config.down_tensor_shape is None or config.up_tensor_shape is None):
+            warnings.warn(f"{where}: adapter width {note}.", stacklevel=4)
+        down_shape = resolve_weight_shape(config.down_tensor_shape, factor_shape(width, m, width_first=True),
+                                          width, m, where, "down_tensor_shape")
+        up_shape = resolve_weight_shape(config.up_tensor_shape, factor_shape(width, m, width_first=False),
+                                        m, width, where, "up_tensor_shape")
+        down_ranks, up_ranks = uniform_ranks(down_shape, config.tensor_rank), uniform_ranks(up_shape, config.tensor_rank)
+        if config.init == "reference":
+            down_cores = cores_reference(down_shape, down_ranks, width, m)
+            up_cores = cores_reference(up_shape, up_ranks, m, width)
+            # nn.Linear's default bias init, as the published code's tensorised layers.
+            down_bias = torch.empty(m).uniform_(-1 / math.sqrt(m), 1 / math.sqrt(m))
+            up_bias = torch.empty(width).uniform_(-1 / math.sqrt(width), 1 / math.sqrt(width))
+        else:
+            down_cores = cores_with_entry_std(down_shape, down_ranks, 1.0 / math.sqrt(3.0 * width))
+            up_cores = cores_zero_last(up_shape, up_ranks)
+            down_bias, up_bias = torch.zeros(m), torch.zeros(width)
+        self.loretta_adp_down[adapter_name] = tt_params(down_cores)
+        self.loretta_adp_up[adapter_name] = tt_params(up_cores)
+        self.loretta_adp_down_bias[adapter_name] = nn.Parameter(down_bias)
+        self.loretta_adp_up_bias[adapter_name] = nn.Parameter(up_bias)
+        if config.scaling == "learned":
+            self.loretta_adp_scale[adapter_name] = nn.Parameter(torch.ones(1))
+        else:
+            self.loretta_adp_fixed_scale[adapter_name] = float(config.scaling)
+        self.loretta_adp_placement[adapter_name] = placement
+        self.loretta_adp_width[adapter_name] = width
+        self.loretta_adp_act[adapter_name] = ACT2FN[config.non_linearity]
+        self.loretta_adp_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def adapter_output(self, adapter_name: str, h: torch.Tensor) -> torch.Tensor:
+        """``s * up(act(down(dropout(h))))`` in ``h``'s dtype, through thin factors."""
+        width = self.loretta_adp_width[adapter_name]
+        z = apply_factors(self.loretta_adp_dropout[adapter_name](h),
+                          tt_weight_factors(list(self.loretta_adp_down[adapter_name]), width))
+        z = self.loretta_adp_act[adapter_name](z + self.loretta_adp_down_bias[adapter_name].to(z.dtype))
+        bottleneck = self.loretta_adp_down_bias[adapter_name].shape[0]
+        z = apply_factors(z, tt_weight_factors(list(self.loretta_adp_up[adapter_name]), bottleneck))
+        z = z + self.loretta_adp_up_bias[adapter_name].to(z.dtype)
+        if adapter_name in self.loretta_adp_scale:
+            return z * self.loretta_adp_scale[adapter_name].to(z.dtype)
+        return z * self.loretta_adp_fixed_scale[adapter_name]
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        raise merge_error([adapter_name])
+
+
+class LorettaAdpLinear(nn.Module, LorettaAdpLayer):
+    """LoRETTA_adp around an ``nn.Linear`` or a transformers ``Conv1D``."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LorettaAdpConfig, module_name: str = "",
+                 placement: str = "output", **kwargs) -> None:
+        super().__init__()
+        LorettaAdpLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, module_name=module_name, placement=placement)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise merge_error(adapter_names if adapter_names is not None else self.active_adapters)
+
+    def unmerge(self) -> None:
+        warnings.warn("Already unmerged. Nothing to do.")
+
+    def _active(self, placement: str) -> list[str]:
+        return [name for name in self.active_adapters
+                if name in self.loretta_adp_down and self.loretta_adp_placement[name] == placement]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            return self.base_layer(x, *args, **kwargs)
+        inputs = self._active("input")
+        if inputs:
+            x = x + sum(self.adapter_output(name, x) for name in inputs).to(x.dtype)
+        result = self.base_layer(x, *args, **kwargs)
+        outputs = self._active("output")
+        if outputs:
+            result = result + sum(self.adapter_output(name, result) for name in outputs).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "loretta_adp." + super().__repr__()
+
+
+class LorettaAdpHead(TensorisedHead, LorettaAdpLayer):
+    """The tensorised classifier head of a LoRETTA_adp adapter."""
+
+    adapter_layer_names = ("loretta_adp_head", "loretta_adp_head_bias")
+    other_param_names = ()
+    head_attr = "loretta_adp_head"
+    head_bias_attr = "loretta_adp_head_bias"
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LorettaAdpConfig, module_name: str = "",
+                 **kwargs) -> None:
+        nn.Module.__init__(self)
+        self.init_head(base_layer)
+        self.kwargs = kwargs
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, module_name=module_name)
+
+    def __repr__(self) -> str:
+        return "loretta_adp_head." + super().__repr__()

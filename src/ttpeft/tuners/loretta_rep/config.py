@@ -1,0 +1,75 @@
+"""Configuration of LoRETTA_rep (Yang et al., NAACL 2024): LoRA whose A and B are tensor trains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from ...registration import ensure_peft_type
+from ..loretta_common import LORETTA_INITS, check_common_fields, normalise_shape
+
+
+@dataclass
+class LorettaRepConfig(PeftConfig):
+    """LoRETTA_rep: ``y = W0 x + (lora_alpha / r) * B A x`` with A (``r x in``) and B (``out x r``) each a
+    tensor train over a factorisation of ``in * r`` (resp. ``r * out``).
+
+    Args:
+        r: LoRA bottleneck (the rank of ``B A``).
+        lora_alpha: scale numerator (``lora_alpha / r``).
+        tensor_rank: TT rank of every bond of A and B (the paper uses 5).
+        a_tensor_shape / b_tensor_shape: explicit train shapes for A (multiplying to ``in * r``) and B
+            (``r * out``); ``None`` uses the published shape for the widths the reference supports and a
+            factorisation of the layer's width otherwise.
+        target_modules: module names, a regex, or ``"all-linear"``; ``None``: LoRA's defaults (q, v).
+        dropout: dropout on the adapter's input.
+        init: ``"zero"`` (A random, B's last core zero: the model starts at the base model; default) or
+            ``"reference"`` (every core random as in the published code, so it does not).
+        train_layernorms: train (and save) every layer norm, as in the paper (default True).
+        tensorised_head: replace the classification head's hidden dense layer (BERT/DeBERTa pooler, RoBERTa
+            classifier dense) by a trainable TT layer; the final projection is trained too.
+        head_tensor_shape: train shape of that layer (published ``(8, 8, 12, 12, 8, 8)`` for 768).
+        modules_to_save: extra modules to train and save (peft semantics).
+    """
+
+    r: int = field(default=8, metadata={"help": "LoRA bottleneck r."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "Scale numerator: the update is scaled by lora_alpha / r."})
+    tensor_rank: int = field(default=5, metadata={"help": "TT rank of the A and B trains."})
+    a_tensor_shape: Optional[list[int]] = field(default=None, metadata={"help": "Train shape of A (in * r)."})
+    b_tensor_shape: Optional[list[int]] = field(default=None, metadata={"help": "Train shape of B (r * out)."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or regex to adapt, or 'all-linear'."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or regex to leave out."}
+    )
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
+    init: Literal["zero", "reference"] = field(
+        default="zero", metadata={"help": "'zero' (start at the base model) or 'reference' (published init)."}
+    )
+    train_layernorms: bool = field(default=True, metadata={"help": "Train and save every layer norm."})
+    tensorised_head: bool = field(default=False, metadata={"help": "Replace the head's dense layer by a TT layer."})
+    head_tensor_shape: Optional[list[int]] = field(default=None, metadata={"help": "Train shape of the head layer."})
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra modules to train and save (e.g. a classifier)."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt these layer indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list, when layers_to_transform is set."}
+    )
+    target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "Unsupported; must be None."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = ensure_peft_type("loretta_rep")
+        check_common_fields(self, "LorettaRepConfig", LORETTA_INITS)
+        for name in ("r", "tensor_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LorettaRepConfig: {name}={value!r} is invalid; valid: an int >= 1")
+        self.a_tensor_shape = normalise_shape(self.a_tensor_shape, "LorettaRepConfig", "a_tensor_shape")
+        self.b_tensor_shape = normalise_shape(self.b_tensor_shape, "LorettaRepConfig", "b_tensor_shape")

@@ -1,0 +1,170 @@
+"""LoRETTA_rep layers: ``y = W0 x + (alpha / r) * B A x`` with A and B tensor trains."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ...loretta_shapes import factor_shape
+from ...shapes import factorisation_note
+from ..loretta_common import (
+    TensorisedHead,
+    apply_factors,
+    cores_reference,
+    cores_with_entry_std,
+    cores_zero_last,
+    resolve_weight_shape,
+    tt_params,
+    tt_weight,
+    tt_weight_factors,
+    uniform_ranks,
+)
+from ..ttlora.layer import base_layer_features
+from .config import LorettaRepConfig
+
+
+class LorettaRepLayer(BaseTunerLayer):
+    """The adapter state shared by every LoRETTA_rep layer type.
+
+    ``loretta_rep_A[adapter]`` holds the cores of A as an ``in x r`` matrix (the transpose of LoRA's
+    ``r x in`` A, so that ``x @ A`` needs no transpose), ``loretta_rep_B[adapter]`` those of B as ``r x out``.
+    """
+
+    adapter_layer_names = ("loretta_rep_A", "loretta_rep_B")
+    other_param_names = ("loretta_rep_r", "loretta_rep_scaling", "loretta_rep_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.loretta_rep_A = nn.ModuleDict({})
+        self.loretta_rep_B = nn.ModuleDict({})
+        self.loretta_rep_r: dict[str, int] = {}
+        self.loretta_rep_scaling: dict[str, float] = {}
+        self.loretta_rep_dropout = nn.ModuleDict({})
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        self.in_features, self.out_features = base_layer_features(self.get_base_layer())
+
+    def update_layer(self, adapter_name: str, config: LorettaRepConfig, module_name: str = "") -> None:
+        where = f"LoRETTA_rep on {module_name!r}"
+        r = config.r
+        for side, size, explicit in (("input", self.in_features, config.a_tensor_shape),
+                                     ("output", self.out_features, config.b_tensor_shape)):
+            note = factorisation_note(size, 2)
+            if note and explicit is None:
+                warnings.warn(f"{where}: {side} features {note}.", stacklevel=4)
+        a_shape = resolve_weight_shape(config.a_tensor_shape, factor_shape(self.in_features, r, width_first=True),
+                                       self.in_features, r, where, "a_tensor_shape")
+        b_shape = resolve_weight_shape(config.b_tensor_shape, factor_shape(self.out_features, r, width_first=False),
+                                       r, self.out_features, where, "b_tensor_shape")
+        a_ranks, b_ranks = uniform_ranks(a_shape, config.tensor_rank), uniform_ranks(b_shape, config.tensor_rank)
+        if config.init == "reference":
+            a_cores = cores_reference(a_shape, a_ranks, self.in_features, r)
+            b_cores = cores_reference(b_shape, b_ranks, r, self.out_features)
+        else:
+            # LoRA's A is kaiming-uniform with a = sqrt(5): entries of variance 1 / (3 in).
+            a_cores = cores_with_entry_std(a_shape, a_ranks, 1.0 / math.sqrt(3.0 * self.in_features))
+            b_cores = cores_zero_last(b_shape, b_ranks)
+        self.loretta_rep_A[adapter_name] = tt_params(a_cores)
+        self.loretta_rep_B[adapter_name] = tt_params(b_cores)
+        self.loretta_rep_r[adapter_name] = r
+        self.loretta_rep_scaling[adapter_name] = float(config.lora_alpha) / r
+        self.loretta_rep_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def adapter_factors(self, adapter_name: str) -> list[torch.Tensor]:
+        """Thin matrices whose product is ``A @ B`` (``in x out``); built from the cores each call."""
+        return (tt_weight_factors(list(self.loretta_rep_A[adapter_name]), self.in_features)
+                + tt_weight_factors(list(self.loretta_rep_B[adapter_name]), self.loretta_rep_r[adapter_name]))
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``(alpha / r) * B A`` in ``(out, in)`` layout, in float32 at least."""
+        a = tt_weight(list(self.loretta_rep_A[adapter_name]), self.in_features)
+        b = tt_weight(list(self.loretta_rep_B[adapter_name]), self.loretta_rep_r[adapter_name])
+        if a.dtype in (torch.float16, torch.bfloat16):  # merge in fp32, cast by the caller
+            a, b = a.float(), b.float()
+        return self.loretta_rep_scaling[adapter_name] * (a @ b).T
+
+
+class LorettaRepLinear(nn.Module, LorettaRepLayer):
+    """LoRETTA_rep around an ``nn.Linear`` or a transformers ``Conv1D``."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LorettaRepConfig, module_name: str = "",
+                 **kwargs) -> None:
+        super().__init__()
+        LorettaRepLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, module_name=module_name)
+
+    def _weight_delta(self, adapter_name: str, dtype: torch.dtype) -> torch.Tensor:
+        delta = self.get_delta_weight(adapter_name)
+        return (delta.T if self.fan_in_fan_out else delta).to(dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base_layer = self.get_base_layer()
+        for adapter_name in adapter_names:
+            if adapter_name not in self.loretta_rep_A:
+                continue
+            delta = self._weight_delta(adapter_name, base_layer.weight.dtype)
+            merged = base_layer.weight.data + delta
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights: adapter {adapter_name!r} seems broken")
+            base_layer.weight.data = merged
+            self.merged_adapters.append(adapter_name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base_layer = self.get_base_layer()
+        while self.merged_adapters:
+            adapter_name = self.merged_adapters.pop()
+            if adapter_name in self.loretta_rep_A:
+                base_layer.weight.data -= self._weight_delta(adapter_name, base_layer.weight.dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for adapter_name in self.active_adapters:
+            if adapter_name not in self.loretta_rep_A:
+                continue
+            update = apply_factors(self.loretta_rep_dropout[adapter_name](x), self.adapter_factors(adapter_name))
+            result = result + (self.loretta_rep_scaling[adapter_name] * update).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "loretta_rep." + super().__repr__()
+
+
+class LorettaRepHead(TensorisedHead, LorettaRepLayer):
+    """The tensorised classifier head of a LoRETTA_rep adapter."""
+
+    adapter_layer_names = ("loretta_rep_head", "loretta_rep_head_bias")
+    other_param_names = ()
+    head_attr = "loretta_rep_head"
+    head_bias_attr = "loretta_rep_head_bias"
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LorettaRepConfig, module_name: str = "",
+                 **kwargs) -> None:
+        nn.Module.__init__(self)
+        self.init_head(base_layer)
+        self.kwargs = kwargs
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, module_name=module_name)
+
+    def __repr__(self) -> str:
+        return "loretta_rep_head." + super().__repr__()
