@@ -75,8 +75,8 @@ def test_grouped_build_uses_one_group_per_shape(monkeypatch):
 
 def count_factor_builds(monkeypatch):
     calls = []
-    original = factor_cache_module.thin_factors
-    monkeypatch.setattr(factor_cache_module, "thin_factors", lambda *a: calls.append(1) or original(*a))
+    original = factor_cache_module.build_factors
+    monkeypatch.setattr(factor_cache_module, "build_factors", lambda *a: calls.append(1) or original(*a))
     original_chain = factor_cache_module._stacked_chain
     monkeypatch.setattr(factor_cache_module, "_stacked_chain", lambda s: calls.append(1) or original_chain(s))
     return calls

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tt_matrix import thin_factors
+from .tensor_train import contract_cores
 
 _forward_ids = itertools.count(1)
 _current_forward_id = 0
@@ -46,15 +46,34 @@ class _Entry:
 
 
 @dataclass
-class TTMatrixRef:
-    """One TT matrix of a layer: its cores, how many carry the row index, and the factors' dtype/scale."""
+class TTFactorsRef:
+    """Two thin factors to build from cores: ``L = contract(left_cores)`` as ``rows x r`` and
+    ``R = contract(right_cores)`` as ``r x cols``, scaled by ``col_scale`` and cast to ``out_dtype``.
+
+    For TT-LoRA the two core lists are the halves of one train split at its middle bond; for
+    LoRETTA_rep they are the trains of A and B; for LoRETTA_adp those of the down and up projections.
+    """
 
     cache: "FactorCache"
     name: str
-    cores: Sequence[torch.Tensor]
-    num_row_cores: int
+    left_cores: Sequence[torch.Tensor]
+    right_cores: Sequence[torch.Tensor]
+    rows: int
     out_dtype: torch.dtype
     col_scale: float = 1.0
+
+    @property
+    def cores(self) -> list[torch.Tensor]:
+        return [*self.left_cores, *self.right_cores]
+
+
+def build_factors(ref: TTFactorsRef) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors of one ref, built alone (no stacking)."""
+    row_factor = contract_cores(list(ref.left_cores)).reshape(ref.rows, -1)
+    col_factor = contract_cores(list(ref.right_cores)).reshape(row_factor.shape[1], -1)
+    if ref.col_scale != 1.0:
+        col_factor = col_factor * ref.col_scale
+    return row_factor.to(ref.out_dtype), col_factor.to(ref.out_dtype)
 
 
 class FactorCache:
@@ -75,15 +94,12 @@ class FactorCache:
         with_grad = _needs_grad(cores)
         self.entries[name] = _Entry(_cores_state(cores), _current_forward_id if with_grad else None, factors)
 
-    def factors(self, ref: TTMatrixRef) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, ref: TTFactorsRef) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached factors, or factors built for this layer alone (and cached)."""
         found = self.lookup(ref.name, ref.cores)
         if found is not None:
             return found
-        row_factor, col_factor = thin_factors(list(ref.cores), ref.num_row_cores)
-        if ref.col_scale != 1.0:
-            col_factor = col_factor * ref.col_scale
-        factors = (row_factor.to(ref.out_dtype), col_factor.to(ref.out_dtype))
+        factors = build_factors(ref)
         self.store(ref.name, ref.cores, factors)
         return factors
 
@@ -101,41 +117,41 @@ def _stacked_chain(stacks: Sequence[torch.Tensor]) -> torch.Tensor:
     return result
 
 
-def build_grouped(refs: Iterable[TTMatrixRef]) -> int:
+def build_grouped(refs: Iterable[TTFactorsRef]) -> int:
     """Build and cache the factors of every ref that has none, one batched chain per shape.
 
     Returns the number of groups built (each a fixed handful of kernels).
     """
-    groups: dict[tuple, list[TTMatrixRef]] = defaultdict(list)
+    groups: dict[tuple, list[TTFactorsRef]] = defaultdict(list)
     for ref in refs:
-        if ref.cache.lookup(ref.name, ref.cores) is not None:
+        cores = ref.cores
+        if ref.cache.lookup(ref.name, cores) is not None:
             continue
-        first = ref.cores[0]
-        key = (tuple(tuple(c.shape) for c in ref.cores), ref.num_row_cores, first.dtype, first.device,
-               ref.out_dtype, _needs_grad(ref.cores))
+        key = (tuple(tuple(c.shape) for c in cores), len(ref.left_cores), ref.rows, cores[0].dtype,
+               cores[0].device, ref.out_dtype, _needs_grad(cores))
         groups[key].append(ref)
     for members in groups.values():
         if len(members) == 1:
             members[0].cache.factors(members[0])
             continue
-        order = len(members[0].cores)
-        stacks = [torch.stack([m.cores[k] for m in members]) for k in range(order)]
-        split = members[0].num_row_cores
-        rows = _stacked_chain(stacks[:split])  # (L, in, r)
-        bond = rows.shape[-1]
-        cols = _stacked_chain(stacks[split:]).reshape(len(members), bond, -1)  # (L, r, out)
+        count, rows = len(members), members[0].rows
+        left = _stacked_chain([torch.stack(cores) for cores in zip(*(m.left_cores for m in members))])
+        right = _stacked_chain([torch.stack(cores) for cores in zip(*(m.right_cores for m in members))])
+        left = left.reshape(count, rows, -1)  # (L, rows, r)
+        right = right.reshape(count, left.shape[-1], -1)  # (L, r, cols)
         scales = [m.col_scale for m in members]
         if any(s != 1.0 for s in scales):
-            cols = cols * torch.tensor(scales, dtype=cols.dtype, device=cols.device).view(-1, 1, 1)
+            right = right * torch.tensor(scales, dtype=right.dtype, device=right.device).view(-1, 1, 1)
         out_dtype = members[0].out_dtype
         # unbind (not indexing): its backward is a single stack of the per-layer gradients.
-        for member, row_factor, col_factor in zip(members, rows.to(out_dtype).unbind(0), cols.to(out_dtype).unbind(0)):
+        for member, row_factor, col_factor in zip(members, left.to(out_dtype).unbind(0),
+                                                  right.to(out_dtype).unbind(0)):
             member.cache.store(member.name, member.cores, (row_factor, col_factor))
     return len(groups)
 
 
 def prepare_factors(layers: Iterable) -> int:
-    """Model pre-forward hook body: new forward id, then grouped factors for every layer's TT matrices."""
+    """Model pre-forward hook body: new forward id, then grouped factors for every layer's refs."""
     begin_forward()
-    refs = [ref for layer in layers for ref in layer.tt_matrices_to_prepare()]
+    refs = [ref for layer in layers for ref in layer.factor_refs_to_prepare()]
     return build_grouped(refs) if refs else 0

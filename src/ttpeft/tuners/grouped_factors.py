@@ -6,7 +6,7 @@ from ..factor_cache import begin_forward, prepare_factors
 
 
 class GroupedFactorsMixin:
-    """For ``BaseTuner`` subclasses whose layers implement ``tt_matrices_to_prepare()``.
+    """For ``BaseTuner`` subclasses whose layers implement ``factor_refs_to_prepare()``.
 
     ``group_factors = False`` makes every layer build its own factors (for comparison).
     """

@@ -12,7 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...contraction import add_reconstruct, add_split, apply_sequential, choose_strategy
-from ...factor_cache import FactorCache, TTMatrixRef
+from ...factor_cache import FactorCache, TTFactorsRef
 from ...shapes import auto_ttlora_shape, check_ttlora_ranks, factorisation_note
 from ...tt_matrix import init_tt_matrix_cores, thin_factors
 from .config import TTLoraConfig
@@ -76,6 +76,7 @@ class TTLoraLayer(BaseTunerLayer):
         self.ttlora_alpha[adapter_name] = float(config.alpha)
         self.ttlora_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.ttlora_contraction[adapter_name] = config.contraction
+        self.factor_cache.entries.pop(adapter_name, None)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
@@ -84,15 +85,17 @@ class TTLoraLayer(BaseTunerLayer):
         cores = list(self.ttlora_cores[adapter_name])
         return thin_factors(cores, len(self.ttlora_shape[adapter_name][0]))
 
-    def factor_ref(self, adapter_name: str) -> TTMatrixRef:
-        """This adapter's TT matrix for the factor cache; ``B`` comes scaled by alpha, in the base dtype."""
+    def factor_ref(self, adapter_name: str) -> TTFactorsRef:
+        """This adapter's factors for the cache: the train split at its middle bond; ``B`` comes scaled
+        by alpha, both in the base layer's dtype."""
         weight = self.get_base_layer().weight
         cores = list(self.ttlora_cores[adapter_name])
+        num_row_cores = len(self.ttlora_shape[adapter_name][0])
         out_dtype = weight.dtype if weight.dtype.is_floating_point else cores[0].dtype
-        return TTMatrixRef(self.factor_cache, adapter_name, cores, len(self.ttlora_shape[adapter_name][0]),
-                           out_dtype, self.ttlora_alpha[adapter_name])
+        return TTFactorsRef(self.factor_cache, adapter_name, cores[:num_row_cores], cores[num_row_cores:],
+                            self.in_features, out_dtype, self.ttlora_alpha[adapter_name])
 
-    def tt_matrices_to_prepare(self) -> list[TTMatrixRef]:
+    def factor_refs_to_prepare(self) -> list[TTFactorsRef]:
         if self.disable_adapters or self.merged:
             return []
         return [self.factor_ref(name) for name in self.active_adapters
