@@ -198,3 +198,14 @@ def test_any_width_including_primes():
     assert model(x).shape == (2, 7)
     layer = model.base_model.model[0]
     assert math.prod(p.shape[1] for p in layer.loretta_rep_A["default"]) == 1000 * 8
+
+
+def test_layer_norm_names_select_only_norms():
+    from ttpeft.tuners.loretta_common import layer_norm_save_names
+
+    block = nn.Module()
+    block.norm, block.prenorm = nn.LayerNorm(8), nn.Linear(8, 8)  # "norm" alone would also pick prenorm
+    model = nn.Module()
+    model.block, model.final_norm = block, nn.LayerNorm(8)
+    assert layer_norm_save_names(model) == ["block.norm", "final_norm"]
+    assert layer_norm_save_names(tiny_bert()) == ["LayerNorm"]
