@@ -1,0 +1,100 @@
+"""The ttpeft command line: help, user mistakes, and the main job end to end on the real MiniLM."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ttpeft.cli import build_parser, main
+from ttpeft.methods import METHOD_OPTIONS
+
+
+def _run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "ttpeft", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    for action in train._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.option_strings[-1] in text
+    for flag in ("--task", "--method", "--epochs", "--lr", "--batch-size", "--max-length", "--seed",
+                 "--max-train-samples", "--max-eval-samples", "--output-dir", "--data-dir", "--tt-rank", "--tt-shape",
+                 "--r", "--bottleneck-size", "--tensor-rank", "--method-config"):
+        assert flag in text
+    help_lines = " ".join(text.split())
+    assert "(default: ttlora)" in help_lines and "(default: sst2)" in help_lines and "tt-rank" in help_lines
+    assert help_lines.count("(default:") >= len(METHOD_OPTIONS) + 15
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "run_dir" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--task", "sst3"], "unknown task 'sst3'"),
+    (["train", "--method", "lorax"], "unknown method 'lorax'"),
+    (["train", "--model", "/no/such/model"], "model path /no/such/model does not exist"),
+    (["train", "--max-length", "0"], "--max-length: must be > 0"),
+    (["train", "--tt-rank", "x"], "--tt-rank"),
+    (["train", "--bottleneck-size", "8"], "--bottleneck-size does not apply to method 'ttlora'"),
+    (["train", "--task", "cola", "--data-dir", "/no/such/dir"], "data folder /no/such/dir does not exist"),
+    (["eval", "/no/such/run"], "not a ttpeft run folder"),
+])
+def test_user_mistakes_are_one_line_errors_with_a_non_zero_exit(args, message, capsys):
+    try:
+        code = main(args + (["--no-progress"] if args[0] == "train" else []))
+    except SystemExit as exit_info:  # argparse's own checks
+        code = exit_info.code
+    err = capsys.readouterr().err
+    assert code != 0
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_unknown_option_from_the_console_is_one_line(tmp_path):
+    result = _run_cli("train", "--epochz", "3", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unrecognized arguments: --epochz" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _metric(run_dir):
+    return json.loads((run_dir / "results.json").read_text())["metrics"]["accuracy"]
+
+
+@pytest.mark.real_model
+def test_main_job_small_train_then_eval_reproduces(tmp_path):
+    """The README's main command on the real MiniLM and embedded SST-2, with small caps for CI."""
+    small = ["--max-train-samples", "64", "--max-eval-samples", "64", "--batch-size", "16", "--no-progress"]
+    run = tmp_path / "run"
+    result = _run_cli("train", *small, "--output-dir", str(run), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "trainable parameters" in result.stdout and "accuracy" in result.stdout
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["task"] == "glue/sst2" and saved["method"] == "ttlora" and saved["data"] == "embedded"
+    assert saved["num_eval_examples"] == 64 and saved["num_train_examples"] == 64
+    assert 0 < saved["trainable_params"] < saved["total_params"] / 100
+    assert saved["adapter_bytes"] == (run / "adapter_model.safetensors").stat().st_size
+    assert saved["command"].startswith("ttpeft train --max-train-samples 64")
+    for key in ("wall_time_s", "memory", "versions", "seed", "method_config"):
+        assert saved[key]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folders left
+
+    evaluated = _run_cli("eval", str(run), "--no-progress", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert "reproduced" in evaluated.stdout
+
+    # same seed and settings: same metric; a different run into the same folder is refused
+    again = tmp_path / "again"
+    assert main(["train", *small, "--output-dir", str(again)]) == 0
+    assert _metric(again) == _metric(run)
+    refused = _run_cli("train", *small, "--seed", "7", "--output-dir", str(run), cwd=tmp_path)
+    assert refused.returncode != 0 and "holds a different run" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert _metric(run) == saved["metrics"]["accuracy"]

@@ -1,0 +1,142 @@
+"""Training wiring on tiny models: every method wraps, trains and reloads; runs are written atomically."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+import ttpeft  # noqa: F401  (registers the tensor-train methods with peft)
+from ttpeft import training
+from ttpeft.errors import InputError
+from ttpeft.methods import METHODS, build_peft_config, get_method, method_config_fields
+from ttpeft.models import minilm_path
+from ttpeft.tasks import get_task, load_task_data
+
+ENCODER_METHODS = [name for name in METHODS if name not in ("loretta_rep", "loretta_adp")] + [
+    pytest.param(name, marks=pytest.mark.skipif(not hasattr(ttpeft, cls), reason=f"{cls} not in this version"))
+    for name, cls in (("loretta_rep", "LorettaRepConfig"), ("loretta_adp", "LorettaAdpConfig"))]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(minilm_path())
+
+
+@pytest.fixture(scope="module")
+def sst2():
+    data = load_task_data(get_task("sst2"), "embedded")
+    return data.train.select(range(32)), data.validation.select(range(16))
+
+
+def tiny_bert(tokenizer, seed=0):
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=2)
+    return BertForSequenceClassification(config)
+
+
+def tiny_llama(tokenizer, seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config)
+
+
+def _settings(**kwargs):
+    return training.TrainSettings(**{"epochs": 1, "batch_size": 16, "max_length": 32, "progress": False, **kwargs})
+
+
+@pytest.mark.parametrize("method_name", ENCODER_METHODS)
+def test_every_method_trains_only_its_parameters_and_reloads_identically(method_name, tokenizer, sst2, tmp_path):
+    task, method = get_task("sst2"), get_method(method_name)
+    train_set, validation = sst2
+    model, _ = training.apply_method(tiny_bert(tokenizer), method, {}, training.ENCODER)
+    trainable, total = training.count_parameters(model)
+    assert 0 < trainable <= total
+    if method_name != "full":
+        assert trainable < total
+        head_trainable = [n for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
+        assert head_trainable, "the new classification head must train"
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    summary = training.train(model, tokenizer, task, train_set, training.ENCODER, _settings(lr=1e-2),
+                             str(tmp_path / "work"))
+    assert summary["steps"] == 2 and torch.isfinite(torch.tensor(summary["train_loss"]))
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert changed
+    metrics = training.evaluate(model, tokenizer, task, validation, training.ENCODER, 32, 8, progress=False)
+    run = tmp_path / "run"
+    results = training.write_run(run, model, method, {"metrics": metrics})
+    assert results["adapter_bytes"] > 0 and all(f.endswith(".safetensors") for f in results["adapter_files"])
+    reloaded = training.load_weights(tiny_bert(tokenizer), method, run)
+    again = training.evaluate(reloaded, tokenizer, task, validation, training.ENCODER, 32, 8, progress=False)
+    assert again == metrics
+
+
+def test_ttlora_options_reach_the_config():
+    method = get_method("ttlora")
+    fields = method_config_fields(method, {"tt_rank": 3, "tt_shape": [[8, 8], [8, 8]], "r": None},
+                                  {"alpha": 4.0, "tt_rank": 9})
+    assert fields == {"alpha": 4.0, "tt_rank": 3, "tt_shape": [[8, 8], [8, 8]]}  # the CLI overrides the file
+    config = build_peft_config(method, fields, "SEQ_CLS", model=None)
+    assert (config.tt_rank, config.alpha, config.tt_shape) == (3, 4.0, [[8, 8], [8, 8]])
+
+
+def test_an_option_of_another_method_or_an_invalid_value_is_an_input_error():
+    with pytest.raises(InputError, match="--bottleneck-size does not apply to method 'ttlora'"):
+        method_config_fields(get_method("ttlora"), {"bottleneck_size": 64})
+    with pytest.raises(InputError, match="invalid ttlora configuration"):
+        build_peft_config(get_method("ttlora"), {"tt_rank": 0}, "SEQ_CLS", model=None)
+    with pytest.raises(InputError, match="has no option"):
+        build_peft_config(get_method("lora"), {"tt_rank": 2}, "SEQ_CLS", model=None)
+
+
+def test_causal_lm_trains_on_the_answer_and_scores_label_words(tokenizer, sst2, tmp_path):
+    task = get_task("sst2")
+    train_set, validation = sst2
+    model, _ = training.apply_method(tiny_llama(tokenizer), get_method("ttlora"), {"target_modules": ["q_proj",
+                                                                                                     "v_proj"]},
+                                     training.CAUSAL_LM)
+    summary = training.train(model, tokenizer, task, train_set, training.CAUSAL_LM, _settings(lr=5e-2),
+                             str(tmp_path / "work"))
+    assert summary["steps"] == 2 and torch.isfinite(torch.tensor(summary["train_loss"]))
+    metrics = training.evaluate(model, tokenizer, task, validation, training.CAUSAL_LM, 32, 8, progress=False)
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    with pytest.raises(InputError, match="causal LMs score label words"):
+        training.apply_method(tiny_llama(tokenizer), get_method("head"), {}, training.CAUSAL_LM)
+
+
+def test_an_interrupted_write_leaves_no_run_folder(tokenizer, tmp_path, monkeypatch):
+    model, _ = training.apply_method(tiny_bert(tokenizer), get_method("ttlora"), {}, training.ENCODER)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(training.json, "dumps", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        training.write_run(tmp_path / "run", model, get_method("ttlora"), {"metrics": {}})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_folder_holding_another_run_is_refused_unless_overwrite(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"identity": {"seed": 1}}))
+    training.check_output_dir(run, {"seed": 1}, overwrite=False)  # the same run may be redone
+    with pytest.raises(InputError, match="holds a different run.*--overwrite"):
+        training.check_output_dir(run, {"seed": 2}, overwrite=False)
+    training.check_output_dir(run, {"seed": 2}, overwrite=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not empty"):
+        training.check_output_dir(tmp_path / "other", {"seed": 1}, overwrite=False)
+
+
+def test_model_names_resolve_to_local_paths(tmp_path):
+    assert Path(training.resolve_model("minilm").path, "config.json").is_file()
+    with pytest.raises(InputError, match="does not exist"):
+        training.resolve_model(str(tmp_path / "nowhere"))
+    with pytest.raises(InputError, match="no config.json"):
+        training.resolve_model(str(tmp_path))
+    assert training.resolve_model("org/model").path == "org/model"  # a hub id is left to transformers
