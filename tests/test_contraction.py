@@ -6,7 +6,7 @@ from peft import get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ttpeft import TTLoraConfig
+from ttpeft import LorettaAdpConfig, LorettaRepConfig, TTLoraConfig
 from ttpeft import factor_cache as factor_cache_module
 from ttpeft.contraction import STRATEGIES, apply_sequential, choose_strategy, strategy_costs
 from ttpeft.tensor_train import TensorTrain
@@ -35,9 +35,17 @@ def test_sequential_matches_the_dense_matrix(num_row_cores):
     assert torch.allclose(apply_sequential(x, tt.cores, num_row_cores), expected)
 
 
-def strategy_model(strategy, group=True):
-    config = TTLoraConfig(target_modules=["query", "value", "dense"], tt_rank=3, init="random", contraction=strategy)
-    model = get_peft_model(tiny_bert(), config)
+def method_config(method, strategy):
+    if method == "ttlora":
+        return TTLoraConfig(target_modules=["query", "value", "dense"], tt_rank=3, init="random", contraction=strategy)
+    if method == "loretta_rep":
+        return LorettaRepConfig(target_modules=["query", "value", "dense"], r=4, tensor_rank=3, init="reference",
+                                contraction=strategy)
+    return LorettaAdpConfig(bottleneck_size=8, tensor_rank=3, init="reference", contraction=strategy)
+
+
+def strategy_model(strategy, group=True, method="ttlora"):
+    model = get_peft_model(tiny_bert(), method_config(method, strategy))
     model.base_model.group_factors = group
     return model
 
@@ -49,28 +57,29 @@ def outputs_and_grads(model, inputs):
     return out.detach(), grads
 
 
+@pytest.mark.parametrize("method", ["ttlora", "loretta_rep", "loretta_adp"])
 @pytest.mark.parametrize("strategy,group", [("reconstruct", True), ("sequential", True), ("auto", True),
                                             ("split", False)])
-def test_every_strategy_gives_the_same_outputs_and_gradients(strategy, group):
+def test_every_strategy_gives_the_same_outputs_and_gradients(method, strategy, group):
     inputs = token_batch()
-    reference_out, reference_grads = outputs_and_grads(strategy_model("split"), inputs)
-    out, grads = outputs_and_grads(strategy_model(strategy, group), inputs)
+    reference_out, reference_grads = outputs_and_grads(strategy_model("split", method=method), inputs)
+    out, grads = outputs_and_grads(strategy_model(strategy, group, method), inputs)
     assert torch.allclose(out, reference_out, atol=1e-5)
-    assert grads.keys() == reference_grads.keys() and any("ttlora_cores" in k for k in grads)
+    assert grads.keys() == reference_grads.keys() and any(method in k for k in grads)
     for name in grads:
         assert torch.allclose(grads[name], reference_grads[name], atol=1e-5, rtol=1e-4), name
 
 
-def test_grouped_build_uses_one_group_per_shape(monkeypatch):
+@pytest.mark.parametrize("method", ["ttlora", "loretta_rep", "loretta_adp"])
+def test_grouped_build_uses_one_group_per_shape(monkeypatch, method):
     groups = []
     original = factor_cache_module.build_grouped
     monkeypatch.setattr(factor_cache_module, "build_grouped", lambda refs: groups.append(original(refs)) or groups[-1])
-    model = strategy_model("split")
+    model = strategy_model("split", method=method)
     model(input_ids=token_batch())
-    shapes = {tuple(tuple(c.shape) for c in m.ttlora_cores["default"])
-              for m in model.modules() if isinstance(m, TTLoraLinear)}
-    layers = sum(isinstance(m, TTLoraLinear) for m in model.modules())
-    assert groups == [len(shapes)] and layers > len(shapes)
+    refs = [ref for m in model.modules() if hasattr(m, "factor_cache") for ref in m.factor_refs_to_prepare()]
+    shapes = {tuple(tuple(c.shape) for c in ref.cores) for ref in refs}
+    assert groups == [len(shapes)] and len(refs) > len(shapes)
 
 
 def count_factor_builds(monkeypatch):

@@ -50,8 +50,9 @@ def test_default_targets_and_trainable_parts():
 def test_forward_is_lora_with_tensorised_factors_applied_thin():
     model = rep(tiny_bert(hidden=48), task_type="SEQ_CLS", r=8, init="reference")
     layer = adapted_layers(model)[0]
-    # factors are thin: each has a side no larger than max(r, tensor_rank)
-    assert all(min(f.shape) <= 8 for f in layer.adapter_factors("default"))
+    # applied as LoRA's two thin factors (A scaled-free, B scaled by alpha / r), never as an in x out matrix
+    row_factor, col_factor = layer.factor_cache.factors(layer.factor_ref("default"))
+    assert row_factor.shape == (48, 8) and col_factor.shape == (8, 48)
     x = torch.randn(2, 5, layer.in_features)
     a = tt_weight(list(layer.loretta_rep_A["default"]), layer.in_features)  # in x r
     b = tt_weight(list(layer.loretta_rep_B["default"]), 8)  # r x out

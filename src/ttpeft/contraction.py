@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .loretta_shapes import row_split
+from .tensor_train import contract_cores
+
 STRATEGIES = ("split", "reconstruct", "sequential")
 STRATEGY_CHOICES = STRATEGIES + ("auto",)
 
@@ -41,6 +44,17 @@ def add_reconstruct(result: torch.Tensor, x: torch.Tensor, row_factor: torch.Ten
     return torch.addmm(result.reshape(-1, out_features), x.reshape(-1, x.shape[-1]), dense).view(result.shape)
 
 
+def add_factored_update(result: torch.Tensor, h: torch.Tensor, strategy: str, factors,
+                        sequential_update) -> torch.Tensor:
+    """``result + h @ L @ R`` by ``strategy``: ``factors()`` gives ``(L, R)`` (scaled), ``sequential_update(h)``
+    the same product computed core by core."""
+    if strategy == "sequential":
+        return result + sequential_update(h).to(result.dtype)
+    row_factor, col_factor = factors()
+    add_update = add_split if strategy == "split" else add_reconstruct
+    return add_update(result, h, row_factor.to(h.dtype), col_factor.to(h.dtype))
+
+
 def apply_sequential(x: torch.Tensor, cores: Sequence[torch.Tensor], num_row_cores: int) -> torch.Tensor:
     """``x @ M`` by contracting the activations with one core at a time (no factor is built)."""
     lead_shape = x.shape[:-1]
@@ -62,6 +76,15 @@ def apply_sequential(x: torch.Tensor, cores: Sequence[torch.Tensor], num_row_cor
         produced *= q
         state = state.reshape(tokens, produced * r_right)
     return state.reshape(*lead_shape, produced)
+
+
+def apply_train_sequential(x: torch.Tensor, cores: Sequence[torch.Tensor], rows: int) -> torch.Tensor:
+    """``x @ W`` for a train holding a ``rows x cols`` weight, core by core when its cores split at
+    ``rows``; a shape that straddles that boundary is contracted to its (thin) weight instead."""
+    split = row_split([core.shape[1] for core in cores], rows)
+    if split is None:
+        return x @ contract_cores(list(cores)).reshape(rows, -1).to(x.dtype)
+    return apply_sequential(x, cores, split)
 
 
 # Cost model -----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ..contraction import check_strategy
 from ..loretta_shapes import check_matrix_shape, head_shape, row_split
 from ..tensor_train import contract_cores, full_ranks
 from ..tt_matrix import thin_factors
@@ -42,6 +43,7 @@ def check_common_fields(config, cls_name: str, inits: Sequence[str]) -> None:
                          "use target_modules")
     if config.init not in inits:
         raise ValueError(f"{cls_name}: init={config.init!r} is invalid; valid values: {tuple(inits)}")
+    check_strategy(config.contraction, cls_name)
     if not isinstance(config.dropout, (int, float)) or not 0.0 <= config.dropout < 1.0:
         raise ValueError(f"{cls_name}: dropout={config.dropout!r} is invalid; valid: a float in [0, 1)")
     for flag in ("train_layernorms", "tensorised_head"):
@@ -276,6 +278,9 @@ class TensorisedHead(nn.Module):
             torch.empty(self.out_features).uniform_(-bound, bound))
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def factor_refs_to_prepare(self) -> list:
+        return []  # one layer per model: it builds its weight in its own forward
 
     def _head_adapter(self) -> Optional[str]:
         return next((name for name in self.active_adapters if name in getattr(self, self.head_attr)), None)

@@ -49,6 +49,8 @@ class LorettaAdpConfig(PeftConfig):
             suffixes); ``None``: ``gate_proj``/``up_proj`` for LLaMA-family models, none otherwise.
         down_tensor_shape / up_tensor_shape: explicit train shapes (multiplying to ``h * m``); ``None``
             uses the published shape where the reference has one and a factorisation otherwise.
+        contraction: how the trains are applied to activations (see ``ttpeft.contraction``):
+            ``"split"`` (thin factors, default), ``"reconstruct"``, ``"sequential"`` or ``"auto"``.
         init: ``"zero"`` (up's last core and biases zero: the model starts at the base model; default) or
             ``"reference"`` (every core random as published, so it does not).
         train_layernorms: train (and save) every layer norm, as in the paper (default True).
@@ -72,6 +74,9 @@ class LorettaAdpConfig(PeftConfig):
     )
     down_tensor_shape: Optional[list[int]] = field(default=None, metadata={"help": "Train shape of down (h * m)."})
     up_tensor_shape: Optional[list[int]] = field(default=None, metadata={"help": "Train shape of up (m * h)."})
+    contraction: Literal["split", "reconstruct", "sequential", "auto"] = field(
+        default="split", metadata={"help": "How the trains are applied: split, reconstruct, sequential or auto."}
+    )
     init: Literal["zero", "reference"] = field(
         default="zero", metadata={"help": "'zero' (start at the base model) or 'reference' (published init)."}
     )

@@ -11,17 +11,17 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.activations import ACT2FN
 
+from ...contraction import apply_train_sequential
+from ...factor_cache import FactorCache, TTFactorsRef
 from ...loretta_shapes import factor_shape
 from ...shapes import factorisation_note
 from ..loretta_common import (
     TensorisedHead,
-    apply_factors,
     cores_reference,
     cores_with_entry_std,
     cores_zero_last,
     resolve_weight_shape,
     tt_params,
-    tt_weight_factors,
     uniform_ranks,
 )
 from ..ttlora.layer import base_layer_features
@@ -48,7 +48,7 @@ class LorettaAdpLayer(BaseTunerLayer):
     adapter_layer_names = ("loretta_adp_down", "loretta_adp_up", "loretta_adp_down_bias", "loretta_adp_up_bias",
                            "loretta_adp_scale")
     other_param_names = ("loretta_adp_placement", "loretta_adp_width", "loretta_adp_fixed_scale",
-                         "loretta_adp_act", "loretta_adp_dropout")
+                         "loretta_adp_act", "loretta_adp_dropout", "loretta_adp_contraction")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -62,6 +62,8 @@ class LorettaAdpLayer(BaseTunerLayer):
         self.loretta_adp_fixed_scale: dict[str, float] = {}
         self.loretta_adp_act = nn.ModuleDict({})
         self.loretta_adp_dropout = nn.ModuleDict({})
+        self.loretta_adp_contraction: dict[str, str] = {}
+        self.factor_cache = FactorCache()
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -104,17 +106,44 @@ class LorettaAdpLayer(BaseTunerLayer):
         self.loretta_adp_width[adapter_name] = width
         self.loretta_adp_act[adapter_name] = ACT2FN[config.non_linearity]
         self.loretta_adp_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.loretta_adp_contraction[adapter_name] = config.contraction
+        self.factor_cache.entries.pop(adapter_name, None)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
+    def factor_ref(self, adapter_name: str) -> TTFactorsRef:
+        """down (``h x m``) and up (``m x h``) built from their trains, in the base layer's dtype."""
+        weight = self.get_base_layer().weight
+        down_cores = list(self.loretta_adp_down[adapter_name])
+        out_dtype = weight.dtype if weight.dtype.is_floating_point else down_cores[0].dtype
+        return TTFactorsRef(self.factor_cache, adapter_name, down_cores, list(self.loretta_adp_up[adapter_name]),
+                            self.loretta_adp_width[adapter_name], out_dtype)
+
+    def factor_refs_to_prepare(self) -> list[TTFactorsRef]:
+        if self.disable_adapters:
+            return []
+        return [self.factor_ref(name) for name in self.active_adapters
+                if name in self.loretta_adp_down and self.loretta_adp_contraction[name] != "sequential"]
+
     def adapter_output(self, adapter_name: str, h: torch.Tensor) -> torch.Tensor:
-        """``s * up(act(down(dropout(h))))`` in ``h``'s dtype, through thin factors."""
-        width = self.loretta_adp_width[adapter_name]
-        z = apply_factors(self.loretta_adp_dropout[adapter_name](h),
-                          tt_weight_factors(list(self.loretta_adp_down[adapter_name]), width))
+        """``s * up(act(down(dropout(h))))`` in ``h``'s dtype.
+
+        down and up are thin (``h x m``, ``m x h``), so "split" and "reconstruct" both apply them as
+        built; "sequential" pushes the activations through every core instead.
+        """
+        h = self.loretta_adp_dropout[adapter_name](h)
+        sequential = self.loretta_adp_contraction[adapter_name] == "sequential"
+        if sequential:
+            z = apply_train_sequential(h, list(self.loretta_adp_down[adapter_name]), self.loretta_adp_width[adapter_name])
+        else:
+            down_factor, up_factor = self.factor_cache.factors(self.factor_ref(adapter_name))
+            z = h @ down_factor.to(h.dtype)
         z = self.loretta_adp_act[adapter_name](z + self.loretta_adp_down_bias[adapter_name].to(z.dtype))
-        bottleneck = self.loretta_adp_down_bias[adapter_name].shape[0]
-        z = apply_factors(z, tt_weight_factors(list(self.loretta_adp_up[adapter_name]), bottleneck))
+        if sequential:
+            bottleneck = self.loretta_adp_down_bias[adapter_name].shape[0]
+            z = apply_train_sequential(z, list(self.loretta_adp_up[adapter_name]), bottleneck)
+        else:
+            z = z @ up_factor.to(z.dtype)
         z = z + self.loretta_adp_up_bias[adapter_name].to(z.dtype)
         if adapter_name in self.loretta_adp_scale:
             return z * self.loretta_adp_scale[adapter_name].to(z.dtype)

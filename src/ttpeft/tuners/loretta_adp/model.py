@@ -8,6 +8,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_mod
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..grouped_factors import GroupedFactorsMixin
 from ..loretta_common import prepare_trainable_extras
 from ..state_dict_checks import check_adapter_state_dict_shapes
 from .config import LORETTA_ADP_INPUT_ADAPTER_MODULES, LORETTA_ADP_TARGET_MODULES, LorettaAdpConfig
@@ -18,7 +19,7 @@ def _matches(key: str, names) -> bool:
     return any(key == name or key.endswith("." + name) for name in names or ())
 
 
-class LorettaAdpModel(BaseTuner):
+class LorettaAdpModel(GroupedFactorsMixin, BaseTuner):
     """Adds LoRETTA_adp adapters to a model: by default output adapters after every ``*.output.dense`` of
     BERT/RoBERTa/DeBERTa blocks and, for LLaMA-family models, input adapters before ``gate_proj`` and
     ``up_proj`` and an output adapter after ``down_proj``.

@@ -25,6 +25,8 @@ class LorettaRepConfig(PeftConfig):
             factorisation of the layer's width otherwise.
         target_modules: module names, a regex, or ``"all-linear"``; ``None``: LoRA's defaults (q, v).
         dropout: dropout on the adapter's input.
+        contraction: how the trains are applied to activations (see ``ttpeft.contraction``):
+            ``"split"`` (thin factors, default), ``"reconstruct"``, ``"sequential"`` or ``"auto"``.
         init: ``"zero"`` (A random, B's last core zero: the model starts at the base model; default) or
             ``"reference"`` (every core random as in the published code, so it does not).
         train_layernorms: train (and save) every layer norm, as in the paper (default True).
@@ -46,6 +48,9 @@ class LorettaRepConfig(PeftConfig):
         default=None, metadata={"help": "Module names or regex to leave out."}
     )
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
+    contraction: Literal["split", "reconstruct", "sequential", "auto"] = field(
+        default="split", metadata={"help": "How the trains are applied: split, reconstruct, sequential or auto."}
+    )
     init: Literal["zero", "reference"] = field(
         default="zero", metadata={"help": "'zero' (start at the base model) or 'reference' (published init)."}
     )

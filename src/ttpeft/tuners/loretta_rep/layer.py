@@ -11,18 +11,18 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ...contraction import add_factored_update, apply_train_sequential
+from ...factor_cache import FactorCache, TTFactorsRef
 from ...loretta_shapes import factor_shape
 from ...shapes import factorisation_note
 from ..loretta_common import (
     TensorisedHead,
-    apply_factors,
     cores_reference,
     cores_with_entry_std,
     cores_zero_last,
     resolve_weight_shape,
     tt_params,
     tt_weight,
-    tt_weight_factors,
     uniform_ranks,
 )
 from ..ttlora.layer import base_layer_features
@@ -37,7 +37,7 @@ class LorettaRepLayer(BaseTunerLayer):
     """
 
     adapter_layer_names = ("loretta_rep_A", "loretta_rep_B")
-    other_param_names = ("loretta_rep_r", "loretta_rep_scaling", "loretta_rep_dropout")
+    other_param_names = ("loretta_rep_r", "loretta_rep_scaling", "loretta_rep_dropout", "loretta_rep_contraction")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -46,6 +46,8 @@ class LorettaRepLayer(BaseTunerLayer):
         self.loretta_rep_r: dict[str, int] = {}
         self.loretta_rep_scaling: dict[str, float] = {}
         self.loretta_rep_dropout = nn.ModuleDict({})
+        self.loretta_rep_contraction: dict[str, str] = {}
+        self.factor_cache = FactorCache()
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -76,13 +78,31 @@ class LorettaRepLayer(BaseTunerLayer):
         self.loretta_rep_r[adapter_name] = r
         self.loretta_rep_scaling[adapter_name] = float(config.lora_alpha) / r
         self.loretta_rep_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.loretta_rep_contraction[adapter_name] = config.contraction
+        self.factor_cache.entries.pop(adapter_name, None)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
-    def adapter_factors(self, adapter_name: str) -> list[torch.Tensor]:
-        """Thin matrices whose product is ``A @ B`` (``in x out``); built from the cores each call."""
-        return (tt_weight_factors(list(self.loretta_rep_A[adapter_name]), self.in_features)
-                + tt_weight_factors(list(self.loretta_rep_B[adapter_name]), self.loretta_rep_r[adapter_name]))
+    def factor_ref(self, adapter_name: str) -> TTFactorsRef:
+        """A (``in x r``) and B (``r x out``, scaled by ``alpha / r``) built from their trains, in the base
+        layer's dtype: LoRA's two thin factors, so applying them costs what LoRA costs."""
+        weight = self.get_base_layer().weight
+        a_cores = list(self.loretta_rep_A[adapter_name])
+        out_dtype = weight.dtype if weight.dtype.is_floating_point else a_cores[0].dtype
+        return TTFactorsRef(self.factor_cache, adapter_name, a_cores, list(self.loretta_rep_B[adapter_name]),
+                            self.in_features, out_dtype, self.loretta_rep_scaling[adapter_name])
+
+    def factor_refs_to_prepare(self) -> list[TTFactorsRef]:
+        if self.disable_adapters or self.merged:
+            return []
+        return [self.factor_ref(name) for name in self.active_adapters
+                if name in self.loretta_rep_A and self.loretta_rep_contraction[name] != "sequential"]
+
+    def sequential_update(self, adapter_name: str, h: torch.Tensor) -> torch.Tensor:
+        """``(alpha / r) * h @ A @ B`` pushing the activations through every core."""
+        z = apply_train_sequential(h, list(self.loretta_rep_A[adapter_name]), self.in_features)
+        z = apply_train_sequential(z, list(self.loretta_rep_B[adapter_name]), self.loretta_rep_r[adapter_name])
+        return self.loretta_rep_scaling[adapter_name] * z
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``(alpha / r) * B A`` in ``(out, in)`` layout, in float32 at least."""
@@ -142,8 +162,13 @@ class LorettaRepLinear(nn.Module, LorettaRepLayer):
         for adapter_name in self.active_adapters:
             if adapter_name not in self.loretta_rep_A:
                 continue
-            update = apply_factors(self.loretta_rep_dropout[adapter_name](x), self.adapter_factors(adapter_name))
-            result = result + (self.loretta_rep_scaling[adapter_name] * update).to(result.dtype)
+            # In the output's dtype: casting the thin factors is cheap, upcasting activations is not.
+            h = self.loretta_rep_dropout[adapter_name](x).to(result.dtype)
+            strategy = self.loretta_rep_contraction[adapter_name]
+            result = add_factored_update(
+                result, h, "split" if strategy == "auto" else strategy,
+                lambda: self.factor_cache.factors(self.factor_ref(adapter_name)),
+                lambda z: self.sequential_update(adapter_name, z))
         return result
 
     def __repr__(self) -> str:

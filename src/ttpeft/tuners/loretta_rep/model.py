@@ -9,13 +9,14 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..grouped_factors import GroupedFactorsMixin
 from ..loretta_common import prepare_trainable_extras
 from ..state_dict_checks import check_adapter_state_dict_shapes
 from .config import LorettaRepConfig
 from .layer import LorettaRepHead, LorettaRepLayer, LorettaRepLinear
 
 
-class LorettaRepModel(BaseTuner):
+class LorettaRepModel(GroupedFactorsMixin, BaseTuner):
     """Adds LoRETTA_rep adapters to the target linear layers of a model (default: LoRA's, query/value).
 
     With ``train_layernorms`` the layer norms, and with ``tensorised_head`` the classifier head's final

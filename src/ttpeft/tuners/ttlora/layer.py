@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ...contraction import add_reconstruct, add_split, apply_sequential, choose_strategy
+from ...contraction import add_factored_update, apply_sequential, choose_strategy
 from ...factor_cache import FactorCache, TTFactorsRef
 from ...shapes import auto_ttlora_shape, check_ttlora_ranks, factorisation_note
 from ...tt_matrix import init_tt_matrix_cores, thin_factors
@@ -166,15 +166,11 @@ class TTLoraLinear(nn.Module, TTLoraLayer):
             # Computed in the output's dtype: the factors are thin, casting them is cheap, unlike
             # upcasting the activations (under autocast the matmuls autocast anyway).
             h = self.ttlora_dropout[adapter_name](x).to(result.dtype)
-            strategy = self._strategy(adapter_name, h)
-            if strategy == "sequential":
-                cores = list(self.ttlora_cores[adapter_name])
-                update = apply_sequential(h, cores, len(self.ttlora_shape[adapter_name][0]))
-                result = result + self.ttlora_alpha[adapter_name] * update.to(result.dtype)
-                continue
-            row_factor, col_factor = self.factor_cache.factors(self.factor_ref(adapter_name))
-            add_update = add_split if strategy == "split" else add_reconstruct
-            result = add_update(result, h, row_factor.to(h.dtype), col_factor.to(h.dtype))
+            result = add_factored_update(
+                result, h, self._strategy(adapter_name, h),
+                lambda: self.factor_cache.factors(self.factor_ref(adapter_name)),
+                lambda z: self.ttlora_alpha[adapter_name] * apply_sequential(
+                    z, list(self.ttlora_cores[adapter_name]), len(self.ttlora_shape[adapter_name][0])))
         return result
 
     def _strategy(self, adapter_name: str, h: torch.Tensor) -> str:
