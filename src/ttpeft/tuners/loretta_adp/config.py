@@ -9,6 +9,7 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 from transformers.activations import ACT2FN
 
+from ...budget import check_budget_fields
 from ...registration import ensure_peft_type
 from ..loretta_common import LORETTA_INITS, check_common_fields, normalise_shape
 
@@ -56,6 +57,10 @@ class LorettaAdpConfig(PeftConfig):
         train_layernorms: train (and save) every layer norm, as in the paper (default True).
         tensorised_head / head_tensor_shape: as for LoRETTA_rep.
         modules_to_save: extra modules to train and save (peft semantics).
+        param_budget: total parameters of all adapter layers (cores and biases); shapes and one tensor
+            rank per layer are planned to fit (``tensor_rank`` is then ignored; see :mod:`ttpeft.budget`).
+        layer_plan: module name -> ``{"tensor_rank", "down_tensor_shape", "up_tensor_shape"}``; filled
+            by ``param_budget`` and saved, so a reload rebuilds the same shapes.
     """
 
     bottleneck_size: int = field(default=64, metadata={"help": "Adapter bottleneck m."})
@@ -93,10 +98,17 @@ class LorettaAdpConfig(PeftConfig):
         default=None, metadata={"help": "Name of the layer list, when layers_to_transform is set."}
     )
     target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "Unsupported; must be None."})
+    param_budget: Optional[int] = field(
+        default=None, metadata={"help": "Total adapter parameters: plan shapes and per-layer ranks to fit it."}
+    )
+    layer_plan: Optional[dict[str, dict]] = field(
+        default=None, metadata={"help": "Per-layer shapes and ranks (module name -> fields); set by param_budget."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = ensure_peft_type("loretta_adp")
+        check_budget_fields(self, "LorettaAdpConfig", "loretta_adp")
         check_common_fields(self, "LorettaAdpConfig", LORETTA_INITS)
         for name in ("bottleneck_size", "tensor_rank"):
             value = getattr(self, name)

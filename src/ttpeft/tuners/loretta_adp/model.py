@@ -9,6 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..grouped_factors import GroupedFactorsMixin
+from ...budget import config_for_layer, plan_adapter
 from ..loretta_common import prepare_trainable_extras
 from ..state_dict_checks import check_adapter_state_dict_shapes
 from .config import LORETTA_ADP_INPUT_ADAPTER_MODULES, LORETTA_ADP_TARGET_MODULES, LorettaAdpConfig
@@ -50,6 +51,7 @@ class LorettaAdpModel(GroupedFactorsMixin, BaseTuner):
 
     def _prepare_model(self, peft_config: LorettaAdpConfig, model: nn.Module) -> None:
         self._head_key = prepare_trainable_extras(peft_config, model, "LoRETTA_adp")
+        plan_adapter(self, peft_config, model, "loretta_adp", skip=[self._head_key] if self._head_key else [])
 
     def _check_target_module_exists(self, peft_config, key):
         if self._head_key is not None and key == self._head_key:
@@ -58,6 +60,8 @@ class LorettaAdpModel(GroupedFactorsMixin, BaseTuner):
 
     def _create_and_replace(self, config: LorettaAdpConfig, adapter_name, target, target_name, parent, current_key,
                             **optional_kwargs):
+        if current_key != self._head_key:
+            config = config_for_layer(config, current_key)
         placement = "input" if _matches(current_key, config.input_adapter_modules) else "output"
         if isinstance(target, LorettaAdpHead):
             target.update_layer(adapter_name, config, module_name=current_key)

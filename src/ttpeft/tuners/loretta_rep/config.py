@@ -7,6 +7,7 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from ...budget import check_budget_fields
 from ...registration import ensure_peft_type
 from ..loretta_common import LORETTA_INITS, check_common_fields, normalise_shape
 
@@ -34,6 +35,10 @@ class LorettaRepConfig(PeftConfig):
             classifier dense) by a trainable TT layer; the final projection is trained too.
         head_tensor_shape: train shape of that layer (published ``(8, 8, 12, 12, 8, 8)`` for 768).
         modules_to_save: extra modules to train and save (peft semantics).
+        param_budget: total parameters of all LoRETTA_rep layers (A and B cores); shapes and one tensor
+            rank per layer are planned to fit (``tensor_rank`` is then ignored; see :mod:`ttpeft.budget`).
+        layer_plan: module name -> ``{"tensor_rank", "a_tensor_shape", "b_tensor_shape"}``; filled by
+            ``param_budget`` and saved, so a reload rebuilds the same shapes.
     """
 
     r: int = field(default=8, metadata={"help": "LoRA bottleneck r."})
@@ -67,10 +72,17 @@ class LorettaRepConfig(PeftConfig):
         default=None, metadata={"help": "Name of the layer list, when layers_to_transform is set."}
     )
     target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "Unsupported; must be None."})
+    param_budget: Optional[int] = field(
+        default=None, metadata={"help": "Total adapter parameters: plan shapes and per-layer ranks to fit it."}
+    )
+    layer_plan: Optional[dict[str, dict]] = field(
+        default=None, metadata={"help": "Per-layer shapes and ranks (module name -> fields); set by param_budget."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = ensure_peft_type("loretta_rep")
+        check_budget_fields(self, "LorettaRepConfig", "loretta_rep")
         check_common_fields(self, "LorettaRepConfig", LORETTA_INITS)
         for name in ("r", "tensor_rank"):
             value = getattr(self, name)

@@ -10,6 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..grouped_factors import GroupedFactorsMixin
+from ...budget import config_for_layer, plan_adapter
 from ..loretta_common import prepare_trainable_extras
 from ..state_dict_checks import check_adapter_state_dict_shapes
 from .config import LorettaRepConfig
@@ -31,6 +32,7 @@ class LorettaRepModel(GroupedFactorsMixin, BaseTuner):
 
     def _prepare_model(self, peft_config: LorettaRepConfig, model: nn.Module) -> None:
         self._head_key = prepare_trainable_extras(peft_config, model, "LoRETTA_rep")
+        plan_adapter(self, peft_config, model, "loretta_rep", skip=[self._head_key] if self._head_key else [])
 
     def _check_target_module_exists(self, peft_config, key):
         if self._head_key is not None and key == self._head_key:
@@ -39,6 +41,8 @@ class LorettaRepModel(GroupedFactorsMixin, BaseTuner):
 
     def _create_and_replace(self, config: LorettaRepConfig, adapter_name, target, target_name, parent, current_key,
                             **optional_kwargs):
+        if current_key != self._head_key:
+            config = config_for_layer(config, current_key)
         if isinstance(target, LorettaRepLayer):
             target.update_layer(adapter_name, config, module_name=current_key)
             return

@@ -8,6 +8,7 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 
 from ...contraction import STRATEGY_CHOICES
+from ...budget import check_budget_fields
 from ...registration import ensure_peft_type
 
 TTLORA_INITS = ("zero", "random")
@@ -30,6 +31,10 @@ class TTLoraConfig(PeftConfig):
         factors_per_side: how many factors an automatic shape splits each of in/out features into.
         contraction: how ``ΔW x`` is computed: ``"split"`` (two thin GEMMs, default), ``"reconstruct"``
             or ``"sequential"`` (the published algorithms), or ``"auto"`` (cheapest by a cost model).
+        param_budget: total parameters of all TT-LoRA layers; shapes and per-bond ranks are planned per
+            layer to fit (``tt_rank`` is then ignored; see :mod:`ttpeft.budget`).
+        layer_plan: module name -> ``{"tt_shape", "tt_rank"}`` for that layer; filled by ``param_budget``
+            (or by :func:`ttpeft.compress_lora`) and saved, so a reload rebuilds the same shapes.
     """
 
     target_modules: Optional[Union[list[str], str]] = field(
@@ -60,10 +65,17 @@ class TTLoraConfig(PeftConfig):
         default=None, metadata={"help": "Name of the layer list, when layers_to_transform is set."}
     )
     target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "Unsupported; must be None."})
+    param_budget: Optional[int] = field(
+        default=None, metadata={"help": "Total adapter parameters: plan shapes and per-layer ranks to fit it."}
+    )
+    layer_plan: Optional[dict[str, dict]] = field(
+        default=None, metadata={"help": "Per-layer shapes and ranks (module name -> fields); set by param_budget."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = ensure_peft_type("ttlora")
+        check_budget_fields(self, "TTLoraConfig", "ttlora")
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):

@@ -7,6 +7,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ...budget import config_for_layer, plan_adapter
 from ..grouped_factors import GroupedFactorsMixin
 from ..state_dict_checks import check_adapter_state_dict_shapes
 from .config import TTLoraConfig
@@ -24,8 +25,12 @@ class TTLoraModel(GroupedFactorsMixin, BaseTuner):
     tuner_layer_cls = TTLoraLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
+    def _prepare_model(self, peft_config: TTLoraConfig, model: nn.Module) -> None:
+        plan_adapter(self, peft_config, model, "ttlora")
+
     def _create_and_replace(self, config: TTLoraConfig, adapter_name, target, target_name, parent, current_key,
                             **optional_kwargs):
+        config = config_for_layer(config, current_key)
         if isinstance(target, TTLoraLayer):
             target.update_layer(adapter_name, config, module_name=current_key)
             return
