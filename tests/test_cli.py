@@ -46,6 +46,8 @@ def test_help_lists_every_option_with_its_default(capsys):
     (["train", "--bottleneck-size", "8"], "--bottleneck-size does not apply to method 'ttlora'"),
     (["train", "--task", "cola", "--data-dir", "/no/such/dir"], "data folder /no/such/dir does not exist"),
     (["eval", "/no/such/run"], "not a ttpeft run folder"),
+    (["eval", "--model", "minilm"], "zero-shot evaluation needs a causal LM"),
+    (["train", "--method-config", "/no/such.yaml"], "method config file /no/such.yaml does not exist"),
 ])
 def test_user_mistakes_are_one_line_errors_with_a_non_zero_exit(args, message, capsys):
     try:
@@ -55,6 +57,17 @@ def test_user_mistakes_are_one_line_errors_with_a_non_zero_exit(args, message, c
     err = capsys.readouterr().err
     assert code != 0
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_method_options_parse_into_config_fields(tmp_path):
+    from ttpeft.methods import get_method, method_config_fields, read_config_file
+
+    config_file = tmp_path / "ttlora.yaml"
+    config_file.write_text("tt_rank: 4\nalpha: 16\n")
+    args = build_parser().parse_args(["train", "--tt-shape", "8,8,6|6,8,8", "--tt-rank", "3,4,5,4,3",
+                                      "--method-config", str(config_file)])
+    fields = method_config_fields(get_method(args.method), vars(args), read_config_file(args.method_config))
+    assert fields == {"tt_shape": [[8, 8, 6], [6, 8, 8]], "tt_rank": [3, 4, 5, 4, 3], "alpha": 16}
 
 
 def test_unknown_option_from_the_console_is_one_line(tmp_path):
@@ -69,13 +82,13 @@ def _metric(run_dir):
 
 
 @pytest.mark.real_model
-def test_main_job_small_train_then_eval_reproduces(tmp_path):
+def test_main_job_small_train_then_eval_reproduces(tmp_path, capsys):
     """The README's main command on the real MiniLM and embedded SST-2, with small caps for CI."""
     small = ["--max-train-samples", "64", "--max-eval-samples", "64", "--batch-size", "16", "--no-progress"]
     run = tmp_path / "run"
-    result = _run_cli("train", *small, "--output-dir", str(run), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "trainable parameters" in result.stdout and "accuracy" in result.stdout
+    assert main(["train", *small, "--output-dir", str(run)]) == 0
+    summary = capsys.readouterr().out
+    assert "trainable parameters" in summary and "accuracy" in summary and str(run) in summary
     saved = json.loads((run / "results.json").read_text())
     assert saved["task"] == "glue/sst2" and saved["method"] == "ttlora" and saved["data"] == "embedded"
     assert saved["num_eval_examples"] == 64 and saved["num_train_examples"] == 64
@@ -84,17 +97,34 @@ def test_main_job_small_train_then_eval_reproduces(tmp_path):
     assert saved["command"].startswith("ttpeft train --max-train-samples 64")
     for key in ("wall_time_s", "memory", "versions", "seed", "method_config"):
         assert saved[key]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folders left
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no staging or scratch folders left
 
-    evaluated = _run_cli("eval", str(run), "--no-progress", cwd=tmp_path)
-    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
-    assert "reproduced" in evaluated.stdout
+    assert main(["eval", str(run), "--no-progress"]) == 0
+    assert "reproduced" in capsys.readouterr().out
 
-    # same seed and settings: same metric; a different run into the same folder is refused
+    # same seed and settings: the same adapter and metric; a different run into the same folder is refused
     again = tmp_path / "again"
     assert main(["train", *small, "--output-dir", str(again)]) == 0
     assert _metric(again) == _metric(run)
-    refused = _run_cli("train", *small, "--seed", "7", "--output-dir", str(run), cwd=tmp_path)
-    assert refused.returncode != 0 and "holds a different run" in refused.stderr
-    assert "Traceback" not in refused.stderr
+    assert (again / "adapter_model.safetensors").read_bytes() == (run / "adapter_model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["train", *small, "--seed", "7", "--output-dir", str(run)]) == 2
+    assert "holds a different run" in capsys.readouterr().err
     assert _metric(run) == saved["metrics"]["accuracy"]
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_causal_lm_prompt_scoring_on_smollm2(tmp_path, capsys):
+    """SmolLM2 (GGUF) answers SST-2 by label-word likelihood; a TT-LoRA run on it saves and reloads."""
+    run = tmp_path / "smol"
+    args = ["train", "--model", "smollm2", "--max-train-samples", "8", "--max-eval-samples", "8",
+            "--batch-size", "4", "--max-length", "64", "--no-progress", "--output-dir", str(run)]
+    assert main(args) == 0
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["family"] == "causal_lm" and saved["train"]["steps"] == 2
+    assert set(saved["method_config"]["target_modules"]) == {"q_proj", "v_proj"}
+    assert "classifier" not in json.dumps(saved["method_config"]["modules_to_save"])  # no head: label words
+    capsys.readouterr()
+    assert main(["eval", str(run), "--no-progress"]) == 0
+    assert "reproduced" in capsys.readouterr().out

@@ -120,8 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="evaluate a saved run on its task's validation split",
                                    formatter_class=formatter,
                                    description="Load a run's adapter onto its base model and recompute the metric.")
-    evaluate.add_argument("run_dir", help="folder written by ttpeft train")
-    evaluate.add_argument("--model", default=None, help="base model (default: the one the run was trained on)")
+    evaluate.add_argument("run_dir", nargs="?", default=None,
+                          help="folder written by ttpeft train; without it, a causal LM's zero-shot prompt "
+                               "accuracy on --task")
+    evaluate.add_argument("--model", default=None,
+                          help="base model (default: the one the run was trained on; required without a run)")
+    evaluate.add_argument("--task", default=DEFAULT_TASK, help="task for zero-shot evaluation (without a run)")
+    evaluate.add_argument("--max-length", type=_positive(int), default=None,
+                          help="tokens per example (default: the run's, else 128)")
     _add_data_options(evaluate)
     evaluate.add_argument("--batch-size", type=_positive(int), default=None,
                           help="evaluation batch size (default: the run's)")
@@ -197,6 +203,11 @@ def _load_data(args, task_args: dict, need_train: bool):
     return load_task_data(task, args.data_dir, need_train=need_train)
 
 
+def _absolute(path: Optional[str]) -> Optional[str]:
+    """Files are stored by absolute path so that ``ttpeft eval`` finds them from any folder."""
+    return str(Path(path).expanduser().resolve()) if path else None
+
+
 def _split_list(text: Optional[str]) -> Optional[list[str]]:
     return [part.strip() for part in text.split(",") if part.strip()] if text else None
 
@@ -210,7 +221,8 @@ def run_train(args, argv: list[str]) -> dict:
     file_fields = read_config_file(args.method_config) if args.method_config else None
     config_fields = method_config_fields(method, vars(args), file_fields)
     lr = args.lr or method.default_lr
-    task_args = {"task": args.task, "train_file": args.train_file, "validation_file": args.validation_file,
+    task_args = {"task": args.task, "train_file": _absolute(args.train_file),
+                 "validation_file": _absolute(args.validation_file),
                  "text_fields": _split_list(args.text_fields), "label_field": args.label_field,
                  "metric": args.metric, "label_names": _split_list(args.label_names)}
     source = training.resolve_model(args.model)
@@ -225,7 +237,7 @@ def run_train(args, argv: list[str]) -> dict:
                                       progress=not args.no_progress)
     identity = {"task": task.qualified_name, "task_args": task_args, "data": data.source, "model": source.name,
                 "method": method.name, "method_fields": config_fields,
-                "settings": {k: v for k, v in vars(settings).items() if k not in ("progress", "extra")},
+                "settings": {k: v for k, v in vars(settings).items() if k != "progress"},
                 "max_train_samples": args.max_train_samples, "max_eval_samples": args.max_eval_samples}
     output_dir = Path(args.output_dir or f"runs/{task.name}-{method.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     training.check_output_dir(output_dir, identity, args.overwrite)
@@ -266,10 +278,37 @@ def run_train(args, argv: list[str]) -> dict:
     return results
 
 
+def run_zero_shot(args) -> dict:
+    """A causal LM's accuracy with the task's prompt and label words and no training: the baseline."""
+    from . import training
+
+    if not args.model:
+        raise InputError("give a run folder, or --model (a causal LM) for a zero-shot evaluation")
+    started = time.time()
+    source = training.resolve_model(args.model)
+    family = training.model_family(source)
+    if family != training.CAUSAL_LM:
+        raise InputError(f"{source.name} is an encoder: its classification head is untrained until ttpeft train, "
+                         "so zero-shot evaluation needs a causal LM")
+    data = _load_data(args, {"task": args.task}, need_train=False)
+    validation = training.take(data.validation, args.max_eval_samples)
+    model, tokenizer = training.load_model(source, data.task, family)
+    metrics = training.evaluate(model, tokenizer, data.task, validation, family, args.max_length or 128,
+                                args.batch_size or 32, progress=not args.no_progress)
+    lines = [f"ttpeft eval: {data.task.qualified_name} ({data.source}) · zero-shot prompt on {source.name} · "
+             f"{len(validation)} examples"]
+    lines += [f"  {name:<10} {value:.4f}" for name, value in metrics.items()]
+    lines.append(f"  wall time  {time.time() - started:.1f} s")
+    print("\n".join(lines))
+    return {"metrics": metrics}
+
+
 def run_eval(args) -> dict:
     from . import training
     from .methods import get_method
 
+    if args.run_dir is None:
+        return run_zero_shot(args)
     run_dir = Path(args.run_dir)
     results_file = run_dir / training.RESULTS_FILE
     if not results_file.is_file():
@@ -292,7 +331,8 @@ def run_eval(args) -> dict:
     log.info("loading model %s with the run's %s weights", source.name, method.name)
     model, tokenizer = training.load_model(source, task, family)
     model = training.load_weights(model, method, run_dir)
-    metrics = training.evaluate(model, tokenizer, task, validation, family, settings["max_length"],
+    max_length = args.max_length or settings["max_length"]
+    metrics = training.evaluate(model, tokenizer, task, validation, family, max_length,
                                 args.batch_size or settings["batch_size"], progress=not args.no_progress)
     headline = task.metrics[0]
     stored = saved.get("metrics", {}).get(headline)
@@ -369,6 +409,7 @@ def _summary(results: dict, output_dir: Path) -> str:
         f"  adapter               {output_dir}/ ({', '.join(results['adapter_files'])}, "
         f"{_human_bytes(results['adapter_bytes'])})",
         f"  results               {output_dir / 'results.json'}",
-        f"  wall time             {int(minutes)} min {seconds:.0f} s, peak memory {results['memory']['peak_rss_mb']:.0f} MB",
+        f"  wall time             {int(minutes)} min {seconds:.0f} s, "
+        f"peak memory {results['memory']['peak_rss_mb']:.0f} MB",
         f"  evaluate again        ttpeft eval {_quote(str(output_dir))}",
     ])

@@ -27,7 +27,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            ("ttpeft", "LorettaRepConfig"), 5e-3, "dropout"),
     Method("loretta_adp", "LoRETTA_adp: bottleneck adapters with tensor-train projections",
            ("ttpeft", "LorettaAdpConfig"), 2e-3, "dropout"),
-    Method("lora", "LoRA (peft)", ("peft", "LoraConfig"), 1e-3, "lora_dropout"),
+    Method("lora", "LoRA (peft)", ("peft", "LoraConfig"), 2e-3, "lora_dropout"),
     Method("vera", "VeRA (peft)", ("peft", "VeraConfig"), 1e-2, "vera_dropout"),
     Method("fourierft", "FourierFT (peft)", ("peft", "FourierFTConfig"), 5e-2),
     Method("vblora", "VB-LoRA (peft)", ("peft", "VBLoRAConfig"), 5e-3, "vblora_dropout"),

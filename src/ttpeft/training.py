@@ -14,8 +14,7 @@ import resource
 import shutil
 import sys
 import tempfile
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 from . import models
 from .errors import InputError
 from .methods import Method, build_peft_config
-from .tasks import TaskData, TaskSpec, compute_metrics
+from .tasks import TaskSpec, compute_metrics
 from .tasks.prompts import answer_log_likelihoods, check_prompt_task, lm_training_features
 
 ENCODER, CAUSAL_LM = "encoder", "causal_lm"
@@ -127,6 +126,7 @@ def load_model(source: ModelSource, task: TaskSpec, family: str):
         raise InputError(f"cannot load model {source.name}: {_first_line(error)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"  # positions of real tokens then do not depend on the batch's padding
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
@@ -206,7 +206,6 @@ class TrainSettings:
     weight_decay: float = 0.0
     progress: bool = True
     logging_steps: Optional[int] = None
-    extra: dict = field(default_factory=dict)
 
 
 def train(model, tokenizer, task: TaskSpec, train_set, family: str, settings: TrainSettings, work_dir: str) -> dict:

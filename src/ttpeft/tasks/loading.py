@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -181,7 +181,7 @@ def user_task(train_file: Optional[str], validation_file: Optional[str], text_fi
                              for ds in (train, validation))
     train = prepare_split(task, train, train_file) if train is not None else None
     validation = prepare_split(task, validation, validation_file)
-    return TaskData(replace(task), train, validation, f"files:{train_file},{validation_file}")
+    return TaskData(task, train, validation, f"files:{train_file},{validation_file}")
 
 
 def _sort_key(value):
