@@ -30,6 +30,20 @@ def begin_forward() -> int:
     return _current_forward_id
 
 
+def core_list(cores: torch.nn.ParameterList) -> list[torch.Tensor]:
+    """The cores held by a ParameterList, read from its parameter dict: its own iteration goes through
+    ``__getattr__`` for every core, a cost paid per layer and per forward on the hot path."""
+    return list(cores._parameters.values())
+
+
+def factor_dtype(layer: torch.nn.Module, cores: Sequence[torch.Tensor]) -> torch.dtype:
+    """The dtype the thin factors are built in: the base layer's weight dtype when it is a float."""
+    weight = getattr(layer.base_layer, "weight", None)
+    if weight is None:
+        weight = layer.get_base_layer().weight
+    return weight.dtype if weight.dtype.is_floating_point else cores[0].dtype
+
+
 def _cores_state(cores: Sequence[torch.Tensor]) -> tuple:
     return tuple((c._version, c.data_ptr(), c.dtype, c.device) for c in cores)
 

@@ -12,7 +12,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ...contraction import apply_train_sequential
-from ...factor_cache import FactorCache, TTFactorsRef
+from ...factor_cache import FactorCache, TTFactorsRef, core_list, factor_dtype
 from ...loretta_shapes import factor_shape
 from ...shapes import factorisation_note
 from ..loretta_common import (
@@ -113,10 +113,9 @@ class LorettaAdpLayer(BaseTunerLayer):
 
     def factor_ref(self, adapter_name: str) -> TTFactorsRef:
         """down (``h x m``) and up (``m x h``) built from their trains, in the base layer's dtype."""
-        weight = self.get_base_layer().weight
-        down_cores = list(self.loretta_adp_down[adapter_name])
-        out_dtype = weight.dtype if weight.dtype.is_floating_point else down_cores[0].dtype
-        return TTFactorsRef(self.factor_cache, adapter_name, down_cores, list(self.loretta_adp_up[adapter_name]),
+        down_cores = core_list(self.loretta_adp_down[adapter_name])
+        out_dtype = factor_dtype(self, down_cores)
+        return TTFactorsRef(self.factor_cache, adapter_name, down_cores, core_list(self.loretta_adp_up[adapter_name]),
                             self.loretta_adp_width[adapter_name], out_dtype)
 
     def factor_refs_to_prepare(self) -> list[TTFactorsRef]:
@@ -134,14 +133,14 @@ class LorettaAdpLayer(BaseTunerLayer):
         h = self.loretta_adp_dropout[adapter_name](h)
         sequential = self.loretta_adp_contraction[adapter_name] == "sequential"
         if sequential:
-            z = apply_train_sequential(h, list(self.loretta_adp_down[adapter_name]), self.loretta_adp_width[adapter_name])
+            z = apply_train_sequential(h, core_list(self.loretta_adp_down[adapter_name]), self.loretta_adp_width[adapter_name])
         else:
             down_factor, up_factor = self.factor_cache.factors(self.factor_ref(adapter_name))
             z = h @ down_factor.to(h.dtype)
         z = self.loretta_adp_act[adapter_name](z + self.loretta_adp_down_bias[adapter_name].to(z.dtype))
         if sequential:
             bottleneck = self.loretta_adp_down_bias[adapter_name].shape[0]
-            z = apply_train_sequential(z, list(self.loretta_adp_up[adapter_name]), bottleneck)
+            z = apply_train_sequential(z, core_list(self.loretta_adp_up[adapter_name]), bottleneck)
         else:
             z = z @ up_factor.to(z.dtype)
         z = z + self.loretta_adp_up_bias[adapter_name].to(z.dtype)

@@ -12,7 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...contraction import add_factored_update, apply_train_sequential
-from ...factor_cache import FactorCache, TTFactorsRef
+from ...factor_cache import FactorCache, TTFactorsRef, core_list, factor_dtype
 from ...loretta_shapes import factor_shape
 from ...shapes import factorisation_note
 from ..loretta_common import (
@@ -86,10 +86,9 @@ class LorettaRepLayer(BaseTunerLayer):
     def factor_ref(self, adapter_name: str) -> TTFactorsRef:
         """A (``in x r``) and B (``r x out``, scaled by ``alpha / r``) built from their trains, in the base
         layer's dtype: LoRA's two thin factors, so applying them costs what LoRA costs."""
-        weight = self.get_base_layer().weight
-        a_cores = list(self.loretta_rep_A[adapter_name])
-        out_dtype = weight.dtype if weight.dtype.is_floating_point else a_cores[0].dtype
-        return TTFactorsRef(self.factor_cache, adapter_name, a_cores, list(self.loretta_rep_B[adapter_name]),
+        a_cores = core_list(self.loretta_rep_A[adapter_name])
+        out_dtype = factor_dtype(self, a_cores)
+        return TTFactorsRef(self.factor_cache, adapter_name, a_cores, core_list(self.loretta_rep_B[adapter_name]),
                             self.in_features, out_dtype, self.loretta_rep_scaling[adapter_name])
 
     def factor_refs_to_prepare(self) -> list[TTFactorsRef]:
@@ -100,14 +99,14 @@ class LorettaRepLayer(BaseTunerLayer):
 
     def sequential_update(self, adapter_name: str, h: torch.Tensor) -> torch.Tensor:
         """``(alpha / r) * h @ A @ B`` pushing the activations through every core."""
-        z = apply_train_sequential(h, list(self.loretta_rep_A[adapter_name]), self.in_features)
-        z = apply_train_sequential(z, list(self.loretta_rep_B[adapter_name]), self.loretta_rep_r[adapter_name])
+        z = apply_train_sequential(h, core_list(self.loretta_rep_A[adapter_name]), self.in_features)
+        z = apply_train_sequential(z, core_list(self.loretta_rep_B[adapter_name]), self.loretta_rep_r[adapter_name])
         return self.loretta_rep_scaling[adapter_name] * z
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``(alpha / r) * B A`` in ``(out, in)`` layout, in float32 at least."""
-        a = tt_weight(list(self.loretta_rep_A[adapter_name]), self.in_features)
-        b = tt_weight(list(self.loretta_rep_B[adapter_name]), self.loretta_rep_r[adapter_name])
+        a = tt_weight(core_list(self.loretta_rep_A[adapter_name]), self.in_features)
+        b = tt_weight(core_list(self.loretta_rep_B[adapter_name]), self.loretta_rep_r[adapter_name])
         if a.dtype in (torch.float16, torch.bfloat16):  # merge in fp32, cast by the caller
             a, b = a.float(), b.float()
         return self.loretta_rep_scaling[adapter_name] * (a @ b).T

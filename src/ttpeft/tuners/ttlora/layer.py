@@ -12,7 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...contraction import add_factored_update, apply_sequential, choose_strategy
-from ...factor_cache import FactorCache, TTFactorsRef
+from ...factor_cache import FactorCache, TTFactorsRef, core_list, factor_dtype
 from ...shapes import auto_ttlora_shape, check_ttlora_ranks, factorisation_note
 from ...tt_matrix import init_tt_matrix_cores, thin_factors
 from .config import TTLoraConfig
@@ -82,16 +82,15 @@ class TTLoraLayer(BaseTunerLayer):
 
     def adapter_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Thin factors ``A (in x r)`` and ``B (r x out)`` with ``ΔW^T = A @ B`` (float32, unscaled)."""
-        cores = list(self.ttlora_cores[adapter_name])
+        cores = core_list(self.ttlora_cores[adapter_name])
         return thin_factors(cores, len(self.ttlora_shape[adapter_name][0]))
 
     def factor_ref(self, adapter_name: str) -> TTFactorsRef:
         """This adapter's factors for the cache: the train split at its middle bond; ``B`` comes scaled
         by alpha, both in the base layer's dtype."""
-        weight = self.get_base_layer().weight
-        cores = list(self.ttlora_cores[adapter_name])
+        cores = core_list(self.ttlora_cores[adapter_name])
         num_row_cores = len(self.ttlora_shape[adapter_name][0])
-        out_dtype = weight.dtype if weight.dtype.is_floating_point else cores[0].dtype
+        out_dtype = factor_dtype(self, cores)
         return TTFactorsRef(self.factor_cache, adapter_name, cores[:num_row_cores], cores[num_row_cores:],
                             self.in_features, out_dtype, self.ttlora_alpha[adapter_name])
 
@@ -170,7 +169,7 @@ class TTLoraLinear(nn.Module, TTLoraLayer):
                 result, h, self._strategy(adapter_name, h),
                 lambda: self.factor_cache.factors(self.factor_ref(adapter_name)),
                 lambda z: self.ttlora_alpha[adapter_name] * apply_sequential(
-                    z, list(self.ttlora_cores[adapter_name]), len(self.ttlora_shape[adapter_name][0])))
+                    z, core_list(self.ttlora_cores[adapter_name]), len(self.ttlora_shape[adapter_name][0])))
         return result
 
     def _strategy(self, adapter_name: str, h: torch.Tensor) -> str:
