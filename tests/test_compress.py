@@ -172,3 +172,18 @@ def test_unsupported_adapters_are_refused():
         compress_lora(random_lora("bert", use_dora=True))
     with pytest.raises(ValueError, match="not both"):
         compress_lora(random_lora("bert"), rel_error=0.1, param_budget=100)
+
+
+def test_compress_and_plan_commands(tmp_path, capsys):
+    from ttpeft.compress_command import main
+
+    random_lora("bert").save_pretrained(str(tmp_path / "lora"))
+    assert main(["compress", str(tmp_path / "lora"), "--output-dir", str(tmp_path / "tt"), "--tt-rank", "2"]) == 0
+    assert "relative error" in capsys.readouterr().out
+    assert (tmp_path / "tt" / "adapter_config.json").is_file() and (tmp_path / "tt" / REPORT_FILE).is_file()
+    assert main(["compress", str(tmp_path / "lora"), "--output-dir", str(tmp_path / "x"), "--param-budget", "5"]) == 2
+    assert "minimum is" in capsys.readouterr().err
+    assert main(["plan", "--model", "llama-2-7b", "--param-budget", "500000"]) == 0
+    assert "ttlora: 64 layers" in capsys.readouterr().out
+    assert main(["plan", "--model", "llama-2-7b", "--param-budget", "100"]) == 2
+    assert "minimum is" in capsys.readouterr().err
