@@ -211,3 +211,6 @@ def test_torch_compile_of_an_adapted_model():
     assert torch.allclose(out, expected, atol=1e-5)
     out.sum().backward()
     assert model.base_model.model.lin0.ttlora_cores["default"][0].grad is not None
+    # the factor cache stays out of traced graphs: one graph, no breaks, no recompilation per layer
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0

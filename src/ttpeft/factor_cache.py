@@ -110,6 +110,10 @@ class FactorCache:
 
     def factors(self, ref: TTFactorsRef) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached factors, or factors built for this layer alone (and cached)."""
+        if torch.compiler.is_compiling():
+            # Traced graphs build the factors inline (the compiler fuses them); the cache's Python
+            # state would only add guards and recompilations.
+            return build_factors(ref)
         found = self.lookup(ref.name, ref.cores)
         if found is not None:
             return found
@@ -154,7 +158,9 @@ def build_grouped(refs: Iterable[TTFactorsRef]) -> int:
         left = left.reshape(count, rows, -1)  # (L, rows, r)
         right = right.reshape(count, left.shape[-1], -1)  # (L, r, cols)
         scales = [m.col_scale for m in members]
-        if any(s != 1.0 for s in scales):
+        if len(set(scales)) == 1:  # the usual case: a Python scalar, no host-to-device copy (a sync point)
+            right = right * scales[0] if scales[0] != 1.0 else right
+        else:
             right = right * torch.tensor(scales, dtype=right.dtype, device=right.device).view(-1, 1, 1)
         out_dtype = members[0].out_dtype
         # unbind (not indexing): its backward is a single stack of the per-layer gradients.
@@ -166,6 +172,8 @@ def build_grouped(refs: Iterable[TTFactorsRef]) -> int:
 
 def prepare_factors(layers: Iterable) -> int:
     """Model pre-forward hook body: new forward id, then grouped factors for every layer's refs."""
+    if torch.compiler.is_compiling():
+        return 0  # layers build their factors inline in compiled graphs
     begin_forward()
     refs = [ref for layer in layers for ref in layer.factor_refs_to_prepare()]
     return build_grouped(refs) if refs else 0
