@@ -5,7 +5,7 @@ median of several steps after warm-up, and ratios are against LoRA in the same r
 
 GPU (bf16, random LLaMA-architecture weights):
     python benchmarks/speed/train_step.py --device cuda --models llama-1b llama2-7b-shape \
-        --tokens 1x512 4x512 8x2048 --out benchmarks/speed/results/train_step_gpu.json
+        --tokens 1x512 4x512 8x2048 --rounds 2 --out benchmarks/speed/results/train_step_gpu.json
 CPU (real models shipped by PyPI packages, fp32):
     python benchmarks/speed/train_step.py --device cpu --models minilm smollm2 --tokens 8x128 \
         --out benchmarks/speed/results/train_step_cpu.json
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 
 import torch
 from peft import get_peft_model
@@ -90,6 +91,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of lora and ttlora")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=1, help="times through all methods, medians pooled")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -101,9 +103,20 @@ def main() -> None:
             batch, length = (int(v) for v in spec.split("x"))
             batches[spec] = batch_for(base, family, batch, length, args.device)
         print(f"{name}: {sum(p.numel() for p in base.parameters()) / 1e6:.0f}M parameters", flush=True)
-        for method in args.methods:
-            for row in time_method(base, family, method, batches, args.device, args.warmup, args.repeats):
-                results["rows"].append({"model": name, **row})
+        # Rounds interleave the methods so slow drifts of the host (clocks, other load) hit all alike.
+        merged: dict[tuple[str, str], dict] = {}
+        for _ in range(args.rounds):
+            for method in args.methods:
+                for row in time_method(base, family, method, batches, args.device, args.warmup, args.repeats):
+                    key = (row["method"], row["tokens"])
+                    if key in merged:
+                        merged[key]["times_s"] += row["times_s"]
+                        merged[key]["peak_bytes"] = max(merged[key]["peak_bytes"] or 0, row["peak_bytes"] or 0)
+                    else:
+                        merged[key] = row
+        for row in merged.values():
+            row["step_s"] = statistics.median(row["times_s"])
+            results["rows"].append({"model": name, **row})
         if args.compile:
             for method in ("lora", "ttlora"):
                 for row in time_method(base, family, method, batches, args.device, args.warmup, args.repeats,
