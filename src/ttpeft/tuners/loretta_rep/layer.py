@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ...contraction import add_factored_update, apply_train_sequential
+from ...contraction import apply_train_sequential
 from ...factor_cache import FactorCache, TTFactorsRef, core_list, factor_dtype
 from ...loretta_shapes import factor_shape
 from ...shapes import factorisation_note
@@ -25,6 +24,7 @@ from ..loretta_common import (
     tt_weight,
     uniform_ranks,
 )
+from ..factored_linear import FactoredUpdateLinear
 from ..ttlora.layer import base_layer_features
 from .config import LorettaRepConfig
 
@@ -112,7 +112,7 @@ class LorettaRepLayer(BaseTunerLayer):
         return self.loretta_rep_scaling[adapter_name] * (a @ b).T
 
 
-class LorettaRepLinear(nn.Module, LorettaRepLayer):
+class LorettaRepLinear(FactoredUpdateLinear, nn.Module, LorettaRepLayer):
     """LoRETTA_rep around an ``nn.Linear`` or a transformers ``Conv1D``."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LorettaRepConfig, module_name: str = "",
@@ -123,52 +123,16 @@ class LorettaRepLinear(nn.Module, LorettaRepLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, module_name=module_name)
 
-    def _weight_delta(self, adapter_name: str, dtype: torch.dtype) -> torch.Tensor:
-        delta = self.get_delta_weight(adapter_name)
-        return (delta.T if self.fan_in_fan_out else delta).to(dtype)
+    def has_adapter(self, adapter_name: str) -> bool:
+        return adapter_name in self.loretta_rep_A
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        base_layer = self.get_base_layer()
-        for adapter_name in adapter_names:
-            if adapter_name not in self.loretta_rep_A:
-                continue
-            delta = self._weight_delta(adapter_name, base_layer.weight.dtype)
-            merged = base_layer.weight.data + delta
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights: adapter {adapter_name!r} seems broken")
-            base_layer.weight.data = merged
-            self.merged_adapters.append(adapter_name)
+    def adapter_dropout(self, adapter_name: str) -> nn.Module:
+        return self.loretta_rep_dropout[adapter_name]
 
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        base_layer = self.get_base_layer()
-        while self.merged_adapters:
-            adapter_name = self.merged_adapters.pop()
-            if adapter_name in self.loretta_rep_A:
-                base_layer.weight.data -= self._weight_delta(adapter_name, base_layer.weight.dtype)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        for adapter_name in self.active_adapters:
-            if adapter_name not in self.loretta_rep_A:
-                continue
-            # In the output's dtype: casting the thin factors is cheap, upcasting activations is not.
-            h = self.loretta_rep_dropout[adapter_name](x).to(result.dtype)
-            strategy = self.loretta_rep_contraction[adapter_name]
-            result = add_factored_update(
-                result, h, "split" if strategy == "auto" else strategy,
-                lambda: self.factor_cache.factors(self.factor_ref(adapter_name)),
-                lambda z: self.sequential_update(adapter_name, z))
-        return result
+    def contraction_strategy(self, adapter_name: str, h: torch.Tensor) -> str:
+        # A and B are thin by construction: the cost model's choice for them is always split.
+        strategy = self.loretta_rep_contraction[adapter_name]
+        return "split" if strategy == "auto" else strategy
 
     def __repr__(self) -> str:
         return "loretta_rep." + super().__repr__()

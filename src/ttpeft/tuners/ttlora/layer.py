@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ...contraction import add_factored_update, apply_sequential, choose_strategy
+from ...contraction import apply_sequential, choose_strategy
 from ...factor_cache import FactorCache, TTFactorsRef, core_list, factor_dtype
 from ...shapes import auto_ttlora_shape, check_ttlora_ranks, factorisation_note
 from ...tt_matrix import init_tt_matrix_cores, thin_factors
+from ..factored_linear import FactoredUpdateLinear
 from .config import TTLoraConfig
 
 
@@ -108,7 +108,7 @@ class TTLoraLayer(BaseTunerLayer):
         return self.ttlora_alpha[adapter_name] * (row_factor @ col_factor).T
 
 
-class TTLoraLinear(nn.Module, TTLoraLayer):
+class TTLoraLinear(FactoredUpdateLinear, nn.Module, TTLoraLayer):
     """TT-LoRA around an ``nn.Linear`` or a transformers ``Conv1D``."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: TTLoraConfig, module_name: str = "",
@@ -119,60 +119,18 @@ class TTLoraLinear(nn.Module, TTLoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, module_name=module_name)
 
-    def _weight_delta(self, adapter_name: str, dtype: torch.dtype) -> torch.Tensor:
-        delta = self.get_delta_weight(adapter_name)
-        return (delta.T if self.fan_in_fan_out else delta).to(dtype)
+    def has_adapter(self, adapter_name: str) -> bool:
+        return adapter_name in self.ttlora_cores
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        if not adapter_names:
-            return
-        base_layer = self.get_base_layer()
-        for adapter_name in adapter_names:
-            if adapter_name not in self.ttlora_cores:
-                continue
-            delta = self._weight_delta(adapter_name, base_layer.weight.dtype)
-            if safe_merge:
-                merged = base_layer.weight.data + delta
-                if not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs detected in the merged weights: adapter {adapter_name!r} seems broken")
-                base_layer.weight.data = merged
-            else:
-                base_layer.weight.data += delta
-            self.merged_adapters.append(adapter_name)
+    def adapter_dropout(self, adapter_name: str) -> nn.Module:
+        return self.ttlora_dropout[adapter_name]
 
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        base_layer = self.get_base_layer()
-        while self.merged_adapters:
-            adapter_name = self.merged_adapters.pop()
-            if adapter_name in self.ttlora_cores:
-                base_layer.weight.data -= self._weight_delta(adapter_name, base_layer.weight.dtype)
+    def sequential_update(self, adapter_name: str, h: torch.Tensor) -> torch.Tensor:
+        """``alpha * h @ ΔW^T`` pushing the activations through every core."""
+        return self.ttlora_alpha[adapter_name] * apply_sequential(
+            h, core_list(self.ttlora_cores[adapter_name]), len(self.ttlora_shape[adapter_name][0]))
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        for adapter_name in self.active_adapters:
-            if adapter_name not in self.ttlora_cores:
-                continue
-            # Computed in the output's dtype: the factors are thin, casting them is cheap, unlike
-            # upcasting the activations (under autocast the matmuls autocast anyway).
-            h = self.ttlora_dropout[adapter_name](x).to(result.dtype)
-            result = add_factored_update(
-                result, h, self._strategy(adapter_name, h),
-                lambda: self.factor_cache.factors(self.factor_ref(adapter_name)),
-                lambda z: self.ttlora_alpha[adapter_name] * apply_sequential(
-                    z, core_list(self.ttlora_cores[adapter_name]), len(self.ttlora_shape[adapter_name][0])))
-        return result
-
-    def _strategy(self, adapter_name: str, h: torch.Tensor) -> str:
+    def contraction_strategy(self, adapter_name: str, h: torch.Tensor) -> str:
         strategy = self.ttlora_contraction[adapter_name]
         if strategy != "auto":
             return strategy
