@@ -26,3 +26,13 @@ def check_adapter_state_dict_shapes(model: torch.nn.Module, state_dict: dict[str
                 f"this model needs {tuple(expected.shape)}; the adapter was trained on a base model whose layer "
                 "sizes differ from this one (load it onto the base model it was trained with)"
             )
+
+
+class ShapeCheckedLoadMixin:
+    """For ``BaseTuner`` subclasses: loading a checkpoint checks its tensors' shapes against the model."""
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_adapter_state_dict_shapes(model, remapped, cls.prefix)
+        return remapped

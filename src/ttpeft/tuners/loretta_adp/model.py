@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D
 from ..grouped_factors import GroupedFactorsMixin
 from ...budget import config_for_layer, plan_adapter
 from ..loretta_common import prepare_trainable_extras
-from ..state_dict_checks import check_adapter_state_dict_shapes
+from ..state_dict_checks import ShapeCheckedLoadMixin
 from .config import LORETTA_ADP_INPUT_ADAPTER_MODULES, LORETTA_ADP_TARGET_MODULES, LorettaAdpConfig
 from .layer import LorettaAdpHead, LorettaAdpLayer, LorettaAdpLinear, merge_error
 
@@ -20,7 +20,7 @@ def _matches(key: str, names) -> bool:
     return any(key == name or key.endswith("." + name) for name in names or ())
 
 
-class LorettaAdpModel(GroupedFactorsMixin, BaseTuner):
+class LorettaAdpModel(ShapeCheckedLoadMixin, GroupedFactorsMixin, BaseTuner):
     """Adds LoRETTA_adp adapters to a model: by default output adapters after every ``*.output.dense`` of
     BERT/RoBERTa/DeBERTa blocks and, for LLaMA-family models, input adapters before ``gate_proj`` and
     ``up_proj`` and an output adapter after ``down_proj``.
@@ -85,9 +85,3 @@ class LorettaAdpModel(GroupedFactorsMixin, BaseTuner):
 
     def _check_merge_allowed(self):
         raise merge_error(self.active_adapters)
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_adapter_state_dict_shapes(model, remapped, cls.prefix)
-        return remapped

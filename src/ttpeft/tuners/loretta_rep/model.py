@@ -12,12 +12,12 @@ from transformers.pytorch_utils import Conv1D
 from ..grouped_factors import GroupedFactorsMixin
 from ...budget import config_for_layer, plan_adapter
 from ..loretta_common import prepare_trainable_extras
-from ..state_dict_checks import check_adapter_state_dict_shapes
+from ..state_dict_checks import ShapeCheckedLoadMixin
 from .config import LorettaRepConfig
 from .layer import LorettaRepHead, LorettaRepLayer, LorettaRepLinear
 
 
-class LorettaRepModel(GroupedFactorsMixin, BaseTuner):
+class LorettaRepModel(ShapeCheckedLoadMixin, GroupedFactorsMixin, BaseTuner):
     """Adds LoRETTA_rep adapters to the target linear layers of a model (default: LoRA's, query/value).
 
     With ``train_layernorms`` the layer norms, and with ``tensorised_head`` the classifier head's final
@@ -59,9 +59,3 @@ class LorettaRepModel(GroupedFactorsMixin, BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until set active
         self._replace_module(parent, target_name, new_module, target)
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_adapter_state_dict_shapes(model, remapped, cls.prefix)
-        return remapped

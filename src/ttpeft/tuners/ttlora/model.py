@@ -9,12 +9,12 @@ from transformers.pytorch_utils import Conv1D
 
 from ...budget import config_for_layer, plan_adapter
 from ..grouped_factors import GroupedFactorsMixin
-from ..state_dict_checks import check_adapter_state_dict_shapes
+from ..state_dict_checks import ShapeCheckedLoadMixin
 from .config import TTLoraConfig
 from .layer import TTLoraLayer, TTLoraLinear
 
 
-class TTLoraModel(GroupedFactorsMixin, BaseTuner):
+class TTLoraModel(ShapeCheckedLoadMixin, GroupedFactorsMixin, BaseTuner):
     """Adds TT-LoRA adapters to the target linear layers of a model.
 
     Default targets are LoRA's (query/value projections) for architectures peft knows. Before each
@@ -44,11 +44,3 @@ class TTLoraModel(GroupedFactorsMixin, BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until set active
         self._replace_module(parent, target_name, new_module, target)
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_adapter_state_dict_shapes(model, remapped, cls.prefix)
-        return remapped
-
-
