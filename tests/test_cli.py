@@ -119,7 +119,7 @@ def test_causal_lm_prompt_scoring_on_smollm2(tmp_path, capsys):
     """SmolLM2 (GGUF) answers SST-2 by label-word likelihood; a TT-LoRA run on it saves and reloads."""
     run = tmp_path / "smol"
     args = ["train", "--model", "smollm2", "--max-train-samples", "8", "--max-eval-samples", "8",
-            "--batch-size", "4", "--max-length", "64", "--no-progress", "--output-dir", str(run)]
+            "--batch-size", "4", "--epochs", "1", "--max-length", "64", "--no-progress", "--output-dir", str(run)]
     assert main(args) == 0
     saved = json.loads((run / "results.json").read_text())
     assert saved["family"] == "causal_lm" and saved["train"]["steps"] == 2

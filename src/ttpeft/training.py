@@ -92,6 +92,8 @@ def resolve_model_path(name: str, path: Path) -> ModelSource:
 def model_family(source: ModelSource) -> str:
     from transformers import AutoConfig
 
+    if source.gguf_file:  # GGUF files hold causal LMs; reading one just for its config costs seconds
+        return CAUSAL_LM
     try:
         config = AutoConfig.from_pretrained(source.path, **source.kwargs())
     except Exception as error:
@@ -99,7 +101,7 @@ def model_family(source: ModelSource) -> str:
     architectures = " ".join(getattr(config, "architectures", None) or [])
     causal = "CausalLM" in architectures or "LMHead" in architectures or getattr(config, "is_decoder", False)
     if not architectures:
-        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
         causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in (
             "bert", "roberta", "deberta", "deberta-v2", "xlm-roberta", "electra")
@@ -115,6 +117,8 @@ def load_model(source: ModelSource, task: TaskSpec, family: str):
         if family == CAUSAL_LM:
             check_prompt_task(task)
             model = AutoModelForCausalLM.from_pretrained(source.path, **source.kwargs())
+            if source.gguf_file:
+                _forget_gguf_quantization(model)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
                 source.path, num_labels=task.num_labels,
@@ -130,6 +134,17 @@ def load_model(source: ModelSource, task: TaskSpec, family: str):
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _forget_gguf_quantization(model) -> None:
+    """transformers dequantizes GGUF weights to floats on load but keeps the model marked as quantized,
+    which makes the Trainer refuse it; the weights are ordinary float tensors, so drop the mark."""
+    model.hf_quantizer = None
+    if getattr(model, "is_quantized", False):
+        try:
+            model.is_quantized = False
+        except AttributeError:  # a read-only property derived from hf_quantizer
+            pass
 
 
 def apply_method(model, method: Method, config_fields: dict, family: str):

@@ -89,10 +89,12 @@ def _super_glue(name, encoder_texts, label_names, metrics, prompt, label_words, 
                     hub_config=kwargs.pop("hub_config", name), **kwargs)
 
 
-# Prompts follow the MeZO / LoRETTA templates; label words start with a space so they tokenize as words.
+# Prompts follow the MeZO / LoRETTA templates, except SST-2's: MeZO's "<sentence> It was terrible/great"
+# suits large LMs, while small ones (SmolLM2-135M) answer "great" to almost everything; naming the labels
+# works for both. Label words start with a space so they tokenize as words.
 TASKS: tuple[TaskSpec, ...] = (
     _glue("sst2", ("{sentence}",), ("negative", "positive"), ("accuracy",),
-          "{sentence} It was", (" terrible", " great")),
+          "Review: {sentence}\nSentiment:", (" negative", " positive")),
     _glue("cola", ("{sentence}",), ("unacceptable", "acceptable"), ("mcc", "accuracy"),
           "{sentence}\nQuestion: Is this sentence grammatical? Yes or No?\nAnswer:", YES_NO),
     _glue("mrpc", ("{sentence1}", "{sentence2}"), ("not_equivalent", "equivalent"), ("f1", "accuracy"),
