@@ -177,12 +177,13 @@ def bert_tokenizer():
 
 def test_long_prompts_are_cut_from_the_left_keeping_the_answer(bert_tokenizer):
     prompt = " ".join(f"word{i}" for i in range(100)) + " It was"
-    ids, answer_len = encode_prompt_answer(bert_tokenizer, prompt, " great", max_length=16)
-    answer_ids = bert_tokenizer(" great", add_special_tokens=False)["input_ids"]
+    ids, answer_len = encode_prompt_answer(bert_tokenizer, prompt, " great fun", max_length=16)
+    answer_ids = bert_tokenizer(" great fun", add_special_tokens=False)["input_ids"]
     assert len(ids) == 16 and ids[-answer_len:] == answer_ids
     features = lm_training_features(get_task("sst2"), bert_tokenizer, {"sentence": "fun", "labels": 1}, 32)
     trained = [t for t, label in zip(features["input_ids"], features["labels"]) if label != -100]
-    assert trained == bert_tokenizer(" great", add_special_tokens=False)["input_ids"]
+    gold_word = get_task("sst2").label_words[1]
+    assert trained == bert_tokenizer(gold_word, add_special_tokens=False)["input_ids"]
 
 
 def test_answer_log_likelihoods_are_the_summed_token_log_probabilities(bert_tokenizer):
