@@ -185,7 +185,7 @@ def build_peft_config(method: Method, fields: dict, task_type: str, model):
         if targets:
             fields["target_modules"] = targets
     if method.name == "vblora" and "vector_length" not in fields:
-        fields["vector_length"] = _vblora_vector_length(model, fields.get("target_modules"))
+        fields["vector_length"] = _vblora_vector_length(model)
     if method.name == "ia3" and "feedforward_modules" not in fields and isinstance(fields.get("target_modules"), list):
         fields["feedforward_modules"] = []
     known = {f.name for f in dataclasses.fields(cls)}
@@ -209,7 +209,7 @@ def _default_targets(method: Method, model) -> Optional[list[str]]:
     return constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
 
 
-def _vblora_vector_length(model, targets) -> int:
+def _vblora_vector_length(model) -> int:
     """The largest of peft's usual vector lengths that divides the model's hidden size."""
     hidden = getattr(getattr(model, "config", None), "hidden_size", 256)
     for length in (256, 128, 64, 32, 16, 8):
