@@ -175,7 +175,7 @@ def test_unsupported_adapters_are_refused():
 
 
 def test_compress_and_plan_commands(tmp_path, capsys):
-    from ttpeft.compress_command import main
+    from ttpeft.cli import main
 
     random_lora("bert").save_pretrained(str(tmp_path / "lora"))
     assert main(["compress", str(tmp_path / "lora"), "--output-dir", str(tmp_path / "tt"), "--tt-rank", "2"]) == 0

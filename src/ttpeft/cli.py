@@ -60,12 +60,13 @@ def _method_option_help(option) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .compress_command import add_compress_parser, add_plan_parser
     from .methods import METHOD_OPTIONS, METHODS
     from .tasks import METRICS, task_names
     from .training import DEFAULT_MODEL, MODEL_ALIASES
 
     parser = _Parser(prog=PROG, description="Tensor-train parameter-efficient fine-tuning of Hugging Face models.")
-    commands = parser.add_subparsers(dest="command", metavar="{train,eval}", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="{train,eval,compress,plan}", parser_class=_Parser)
     commands.required = True
     formatter = _HelpFormatter
 
@@ -132,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=_positive(int), default=None,
                           help="evaluation batch size (default: the run's)")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_compress_parser(commands)
+    add_plan_parser(commands)
     return parser
 
 
@@ -154,8 +157,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.command == "train":
             run_train(args, argv)
-        else:
+        elif args.command == "eval":
             run_eval(args)
+        else:
+            from .compress_command import run_compress, run_plan
+
+            (run_compress if args.command == "compress" else run_plan)(args)
     except InputError as error:
         print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -1,8 +1,7 @@
 """``ttpeft compress`` and ``ttpeft plan``: argument parsing and the two commands.
 
 ``add_compress_parser(commands)`` / ``add_plan_parser(commands)`` add the subcommands to the
-``ttpeft`` parser; ``run_compress(args)`` / ``run_plan(args)`` run them. ``main(argv)`` runs either on
-its own (``python -m ttpeft.compress_command compress ...``).
+``ttpeft`` parser (see ``ttpeft.cli``); ``run_compress(args)`` / ``run_plan(args)`` run them.
 """
 
 from __future__ import annotations
@@ -10,9 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
-from typing import Optional
 
 from .errors import InputError
 
@@ -203,21 +200,3 @@ def finetune_adapter(adapter_dir: Path, task_name: str, steps: int, model_name: 
     print(f"fine-tuned {summary['steps']} steps on {task.qualified_name}: {headline} "
           f"{before.get(headline, float('nan')):.4f} -> {after.get(headline, float('nan')):.4f}")
     return result
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="ttpeft")
-    commands = parser.add_subparsers(dest="command", required=True)
-    add_compress_parser(commands)
-    add_plan_parser(commands)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        (run_compress if args.command == "compress" else run_plan)(args)
-    except InputError as error:
-        print(f"ttpeft {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -91,6 +91,8 @@ METHOD_OPTIONS: tuple[MethodOption, ...] = (
                  {"lora": "lora_alpha", "loretta_rep": "lora_alpha"}),
     MethodOption("--tensor-rank", int, "rank of the tensor trains", {"loretta_rep": "tensor_rank",
                                                                     "loretta_adp": "tensor_rank"}),
+    MethodOption("--param-budget", int, "total adapter parameters, planned per layer (shapes and ranks)",
+                 {"ttlora": "param_budget", "loretta_rep": "param_budget", "loretta_adp": "param_budget"}),
     MethodOption("--bottleneck-size", int, "adapter bottleneck width", {"loretta_adp": "bottleneck_size"}),
     MethodOption("--scaling", float, "scale of the update", {"loretta_adp": "scaling", "fourierft": "scaling"}),
     MethodOption("--init", str, "adapter initialisation", {"ttlora": "init", "loretta_rep": "init",
