@@ -94,8 +94,11 @@ def main() -> None:
                 "this folder; the commands that produced them are in each script's docstring and in "
                 "`benchmarks/speed/README.md`.", ""]
     for name, title, png in (("train_step_gpu.json", "Training step on the GPU (bf16)", "train_step_gpu.png"),
-                             ("train_step_cpu.json", "Training step on the CPU (fp32, 8x128 tokens)",
-                              "train_step_cpu.png")):
+                             ("train_step_cpu.json", "Training step on the CPU (fp32, 8x128 tokens, two rounds)",
+                              "train_step_cpu.png"),
+                             ("train_step_cpu_strategies.json",
+                              "Training step on the CPU, every strategy (fp32, 8x128 tokens, one round)",
+                              "train_step_cpu_strategies.png")):
         data = load(name)
         if data:
             sections.append(train_step_section(data, title, png))
