@@ -27,7 +27,7 @@ from typing import Optional, Union
 
 import torch
 
-from .budget import TTLoraRule, ttlora_balanced_shape
+from .budget import TTLoraRule
 from .tensor_train import TensorTrain, _truncation_rank, full_ranks, max_useful_ranks, tt_num_params
 from .tt_matrix import thin_factors
 

@@ -17,7 +17,6 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..contraction import check_strategy
 from ..loretta_shapes import check_matrix_shape, head_shape, row_split
 from ..tensor_train import contract_cores, full_ranks
 from ..tt_matrix import thin_factors
@@ -29,29 +28,14 @@ LORETTA_INITS = ("zero", "reference")
 
 
 def check_common_fields(config, cls_name: str, inits: Sequence[str]) -> None:
-    """Checks shared by both LoRETTA configs; each error names the field, its value and what is valid."""
-    if isinstance(config.target_modules, list):
-        config.target_modules = set(config.target_modules)
-    if isinstance(config.exclude_modules, list):
-        config.exclude_modules = set(config.exclude_modules)
-    if isinstance(config.target_modules, str) and config.layers_to_transform is not None:
-        raise ValueError(f"{cls_name}: `layers_to_transform` cannot be used when `target_modules` is a regex str.")
-    if config.layers_pattern and config.layers_to_transform is None:
-        raise ValueError(f"{cls_name}: `layers_pattern` needs `layers_to_transform`.")
-    if config.target_parameters:
-        raise ValueError(f"{cls_name}: target_parameters={config.target_parameters!r} is not supported; "
-                         "use target_modules")
+    """Checks shared by both LoRETTA configs (after ``check_shared_fields``); each error names the field,
+    its value and what is valid."""
     if config.init not in inits:
         raise ValueError(f"{cls_name}: init={config.init!r} is invalid; valid values: {tuple(inits)}")
-    check_strategy(config.contraction, cls_name)
-    if not isinstance(config.dropout, (int, float)) or not 0.0 <= config.dropout < 1.0:
-        raise ValueError(f"{cls_name}: dropout={config.dropout!r} is invalid; valid: a float in [0, 1)")
     for flag in ("train_layernorms", "tensorised_head"):
         if not isinstance(getattr(config, flag), bool):
             raise ValueError(f"{cls_name}: {flag}={getattr(config, flag)!r} is invalid; valid: True or False")
     config.head_tensor_shape = normalise_shape(config.head_tensor_shape, cls_name, "head_tensor_shape")
-    if config.modules_to_save is not None:
-        config.modules_to_save = list(config.modules_to_save)
 
 
 def normalise_shape(shape, cls_name: str, option: str) -> Optional[list[int]]:

@@ -6,11 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from peft.config import PeftConfig
 from transformers.activations import ACT2FN
 
-from ...budget import check_budget_fields
 from ...registration import ensure_peft_type
+from ..config_base import TensorTrainPeftConfig
 from ..loretta_common import LORETTA_INITS, check_common_fields, normalise_shape
 
 # Encoder blocks: an output adapter after each attention-output and FFN-output dense layer.
@@ -32,7 +31,7 @@ LORETTA_ADP_INPUT_ADAPTER_MODULES: dict[str, list[str]] = {
 
 
 @dataclass
-class LorettaAdpConfig(PeftConfig):
+class LorettaAdpConfig(TensorTrainPeftConfig):
     """LoRETTA_adp: a bottleneck adapter ``h <- h + s * up(act(down(h)))`` whose ``down`` (``h -> m``) and
     ``up`` (``m -> h``) are tensor trains (with biases, as published).
 
@@ -67,48 +66,22 @@ class LorettaAdpConfig(PeftConfig):
     tensor_rank: int = field(default=5, metadata={"help": "TT rank of the down and up trains."})
     non_linearity: str = field(default="relu", metadata={"help": "Activation name (transformers ACT2FN)."})
     scaling: Union[float, str] = field(default=1.0, metadata={"help": "Adapter output scale, or 'learned'."})
-    dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
-    target_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Module names or regex to adapt."}
-    )
-    exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Module names or regex to leave out."}
-    )
     input_adapter_modules: Optional[list[str]] = field(
         default=None, metadata={"help": "Targets whose adapter acts on their input (name suffixes)."}
     )
     down_tensor_shape: Optional[list[int]] = field(default=None, metadata={"help": "Train shape of down (h * m)."})
     up_tensor_shape: Optional[list[int]] = field(default=None, metadata={"help": "Train shape of up (m * h)."})
-    contraction: Literal["split", "reconstruct", "sequential", "auto"] = field(
-        default="split", metadata={"help": "How the trains are applied: split, reconstruct, sequential or auto."}
-    )
     init: Literal["zero", "reference"] = field(
         default="zero", metadata={"help": "'zero' (start at the base model) or 'reference' (published init)."}
     )
     train_layernorms: bool = field(default=True, metadata={"help": "Train and save every layer norm."})
     tensorised_head: bool = field(default=False, metadata={"help": "Replace the head's dense layer by a TT layer."})
     head_tensor_shape: Optional[list[int]] = field(default=None, metadata={"help": "Train shape of the head layer."})
-    modules_to_save: Optional[list[str]] = field(
-        default=None, metadata={"help": "Extra modules to train and save (e.g. a classifier)."}
-    )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
-        default=None, metadata={"help": "Only adapt these layer indices."}
-    )
-    layers_pattern: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Name of the layer list, when layers_to_transform is set."}
-    )
-    target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "Unsupported; must be None."})
-    param_budget: Optional[int] = field(
-        default=None, metadata={"help": "Total adapter parameters: plan shapes and per-layer ranks to fit it."}
-    )
-    layer_plan: Optional[dict[str, dict]] = field(
-        default=None, metadata={"help": "Per-layer shapes and ranks (module name -> fields); set by param_budget."}
-    )
 
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = ensure_peft_type("loretta_adp")
-        check_budget_fields(self, "LorettaAdpConfig", "loretta_adp")
+        self.check_shared_fields("LorettaAdpConfig", "loretta_adp")
         check_common_fields(self, "LorettaAdpConfig", LORETTA_INITS)
         for name in ("bottleneck_size", "tensor_rank"):
             value = getattr(self, name)

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
-from peft.config import PeftConfig
 
-from ...budget import check_budget_fields
 from ...registration import ensure_peft_type
+from ..config_base import TensorTrainPeftConfig
 from ..loretta_common import LORETTA_INITS, check_common_fields, normalise_shape
 
 
 @dataclass
-class LorettaRepConfig(PeftConfig):
+class LorettaRepConfig(TensorTrainPeftConfig):
     """LoRETTA_rep: ``y = W0 x + (lora_alpha / r) * B A x`` with A (``r x in``) and B (``out x r``) each a
     tensor train over a factorisation of ``in * r`` (resp. ``r * out``).
 
@@ -46,43 +45,17 @@ class LorettaRepConfig(PeftConfig):
     tensor_rank: int = field(default=5, metadata={"help": "TT rank of the A and B trains."})
     a_tensor_shape: Optional[list[int]] = field(default=None, metadata={"help": "Train shape of A (in * r)."})
     b_tensor_shape: Optional[list[int]] = field(default=None, metadata={"help": "Train shape of B (r * out)."})
-    target_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Module names or regex to adapt, or 'all-linear'."}
-    )
-    exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Module names or regex to leave out."}
-    )
-    dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
-    contraction: Literal["split", "reconstruct", "sequential", "auto"] = field(
-        default="split", metadata={"help": "How the trains are applied: split, reconstruct, sequential or auto."}
-    )
     init: Literal["zero", "reference"] = field(
         default="zero", metadata={"help": "'zero' (start at the base model) or 'reference' (published init)."}
     )
     train_layernorms: bool = field(default=True, metadata={"help": "Train and save every layer norm."})
     tensorised_head: bool = field(default=False, metadata={"help": "Replace the head's dense layer by a TT layer."})
     head_tensor_shape: Optional[list[int]] = field(default=None, metadata={"help": "Train shape of the head layer."})
-    modules_to_save: Optional[list[str]] = field(
-        default=None, metadata={"help": "Extra modules to train and save (e.g. a classifier)."}
-    )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
-        default=None, metadata={"help": "Only adapt these layer indices."}
-    )
-    layers_pattern: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Name of the layer list, when layers_to_transform is set."}
-    )
-    target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "Unsupported; must be None."})
-    param_budget: Optional[int] = field(
-        default=None, metadata={"help": "Total adapter parameters: plan shapes and per-layer ranks to fit it."}
-    )
-    layer_plan: Optional[dict[str, dict]] = field(
-        default=None, metadata={"help": "Per-layer shapes and ranks (module name -> fields); set by param_budget."}
-    )
 
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = ensure_peft_type("loretta_rep")
-        check_budget_fields(self, "LorettaRepConfig", "loretta_rep")
+        self.check_shared_fields("LorettaRepConfig", "loretta_rep")
         check_common_fields(self, "LorettaRepConfig", LORETTA_INITS)
         for name in ("r", "tensor_rank"):
             value = getattr(self, name)
