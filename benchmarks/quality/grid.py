@@ -1,0 +1,282 @@
+"""Accuracy-per-parameter grid: task x method x seed, each run through `ttpeft train`.
+
+Every finished run appends one JSON line to the results file; a run whose key (task, method variant,
+config, seed) is already there is skipped, so the grid completes over several sittings.
+
+With --lr-grid, each method's learning rate is first chosen on a slice held out from the TRAIN split
+(the reported validation split is never used for the choice); the chosen value is recorded in the row.
+
+    python benchmarks/quality/grid.py --dry-run
+    python benchmarks/quality/grid.py --tasks sst2 --methods lora_r8,ttlora --seeds 0 \
+        --max-train-samples 500 --max-eval-samples 200 --epochs 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+TASKS = {"sst2": "glue", "rte": "glue", "stsb": "glue", "cb": "super_glue", "boolq": "super_glue"}
+# Full train-split sizes, used for the time estimate when the parquet files are not at hand.
+TRAIN_SIZES = {"sst2": 67349, "rte": 2490, "stsb": 5749, "cb": 250, "boolq": 9427}
+
+# Method variant -> (ttpeft method, extra `ttpeft train` arguments). The variant name is the grid's label.
+METHODS = {
+    "head": ("head", []),
+    "full": ("full", []),
+    "lora_r8": ("lora", ["--r", "8", "--lora-alpha", "8", "--target-modules", "query,value"]),
+    "lora_r1": ("lora", ["--r", "1", "--lora-alpha", "1", "--target-modules", "query,value"]),
+    "ttlora": ("ttlora", []),
+    "loretta_rep": ("loretta_rep", []),
+    "loretta_adp": ("loretta_adp", []),
+    "vera": ("vera", []),
+    "fourierft": ("fourierft", []),
+    "vblora": ("vblora", []),
+    "tinylora": ("tinylora", []),
+    "lokr": ("lokr", []),
+    "ia3": ("ia3", []),
+}
+# Shorthand accepted by --methods: plain "lora" means r=8.
+METHOD_ALIASES = {"lora": "lora_r8"}
+
+# Rough CPU seconds per training step (batch 32, MiniLM, 2 cores) and per-run fixed cost (imports,
+# model load, evaluation); only for --dry-run when the results file has no rows for the method yet.
+SECONDS_PER_STEP = {"head": 0.35, "full": 1.4, "lora_r8": 0.75, "lora_r1": 0.75, "ttlora": 0.85,
+                    "loretta_rep": 0.9, "loretta_adp": 0.9, "vera": 0.85, "fourierft": 1.0, "vblora": 0.9,
+                    "tinylora": 0.85, "lokr": 0.85, "ia3": 0.7}
+SECONDS_PER_RUN = 12.0
+
+# Learning-rate grid as multiples of the method's own default (--lr-grid).
+LR_MULTIPLIERS = (0.5, 1.0, 2.0)
+DEFAULT_LRS = {"head": 5e-3, "full": 5e-5, "lora": 2e-3, "ttlora": 5e-3, "loretta_rep": 5e-3,
+               "loretta_adp": 2e-3, "vera": 1e-2, "fourierft": 5e-2, "vblora": 5e-3, "tinylora": 1e-2,
+               "lokr": 1e-3, "ia3": 5e-3}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated method variants: "
+                        + ", ".join(METHODS) + " (lora = lora_r8)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--data-dir", default=str(REPO_ROOT.parent / "shared" / "data"),
+                        help="GLUE/SuperGLUE parquet folder, or 'embedded' (SST-2 only)")
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-train-samples", type=int, default=None)
+    parser.add_argument("--max-eval-samples", type=int, default=None)
+    parser.add_argument("--lr-grid", action="store_true",
+                        help="choose each method's lr on a slice held out from the train split")
+    parser.add_argument("--holdout-samples", type=int, default=200,
+                        help="size of the held-out train slice used by --lr-grid")
+    parser.add_argument("--results", default=str(HERE / "results" / "results.jsonl"))
+    parser.add_argument("--runs-dir", default=str(REPO_ROOT / "runs" / "quality"))
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and its estimated time")
+    return parser.parse_args(argv)
+
+
+def split_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def run_config(variant: str, args, lr=None) -> dict:
+    """Everything that makes two runs of a variant comparable; part of the resume key."""
+    method, extra = METHODS[variant]
+    return {"method": method, "args": extra, "model": args.model, "data_dir": args.data_dir, "epochs": args.epochs,
+            "batch_size": args.batch_size, "max_train_samples": args.max_train_samples,
+            "max_eval_samples": args.max_eval_samples, "lr_grid": args.lr_grid if lr is None else False,
+            **({"lr": lr} if lr is not None else {})}
+
+
+def run_key(task: str, variant: str, config: dict, seed: int) -> str:
+    return json.dumps([task, variant, config, seed], sort_keys=True)
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rows.append(json.loads(line))
+    return rows
+
+
+def train_size(task: str, data_dir: str) -> int:
+    path = Path(data_dir) / TASKS[task] / task / "train.parquet"
+    try:
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:  # no folder ('embedded', 'hub') or no pyarrow: the known size
+        return TRAIN_SIZES[task]
+
+
+def planned_steps(task: str, args) -> int:
+    n = train_size(task, args.data_dir)
+    if args.max_train_samples:
+        n = min(n, args.max_train_samples)
+    return math.ceil(math.ceil(n / args.batch_size) * args.epochs)
+
+
+def seconds_per_step(variant: str, rows: list[dict]) -> float:
+    """Median measured rate from past rows of the variant, else the constant."""
+    rates = [r["train_runtime_s"] / r["steps"] for r in rows
+             if r.get("variant") == variant and r.get("steps") and r.get("train_runtime_s")]
+    return statistics.median(rates) if rates else SECONDS_PER_STEP[variant]
+
+
+def run_dir_name(task: str, variant: str, key: str, seed: int, tag: str = "") -> str:
+    digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+    return f"{task}-{variant}-s{seed}{tag}-{digest}"
+
+
+def train_once(task: str, variant: str, seed: int, args, data_dir: str, output_dir: Path,
+               lr=None, max_train_samples=None, max_eval_samples=None) -> dict:
+    """One `ttpeft train` run in a subprocess (a crash or leak stays in it); returns its results.json."""
+    method, extra = METHODS[variant]
+    command = [sys.executable, "-m", "ttpeft", "train", "--model", args.model, "--task", task,
+               "--method", method, *extra, "--seed", str(seed), "--epochs", str(args.epochs),
+               "--batch-size", str(args.batch_size), "--data-dir", data_dir,
+               "--output-dir", str(output_dir), "--overwrite", "--no-progress"]
+    if lr is not None:
+        command += ["--lr", repr(lr)]
+    if max_train_samples:
+        command += ["--max-train-samples", str(max_train_samples)]
+    if max_eval_samples:
+        command += ["--max-eval-samples", str(max_eval_samples)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT / "src"),
+                                                                      os.environ.get("PYTHONPATH")])))
+    completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    if completed.returncode != 0:
+        tail = "\n".join((completed.stdout + completed.stderr).strip().splitlines()[-15:])
+        raise RuntimeError(f"{' '.join(command)}\nexit {completed.returncode}\n{tail}")
+    return json.loads((output_dir / "results.json").read_text())
+
+
+def holdout_data_dir(task: str, seed: int, args) -> str:
+    """A data folder whose 'train' is the train split minus a held-out slice and whose 'validation'
+    is that slice, so lr selection never sees the reported validation split."""
+    import pandas as pd
+
+    folder = Path(args.runs_dir) / "holdout" / f"{task}-s{seed}-n{args.holdout_samples}"
+    target = folder / TASKS[task] / task
+    if not (target / "validation.parquet").is_file():
+        source = Path(args.data_dir) / TASKS[task] / task / "train.parquet"
+        frame = pd.read_parquet(source).sample(frac=1.0, random_state=seed).reset_index(drop=True)
+        n = min(args.holdout_samples, len(frame) // 5)  # small tasks (CB) keep most of their data
+        target.mkdir(parents=True, exist_ok=True)
+        frame.iloc[n:].to_parquet(target / "train.parquet", index=False)
+        frame.iloc[:n].to_parquet(target / "validation.parquet", index=False)
+    return str(folder)
+
+
+def choose_lr(task: str, variant: str, seed: int, args) -> tuple[float, dict]:
+    method = METHODS[variant][0]
+    candidates = [DEFAULT_LRS[method] * m for m in LR_MULTIPLIERS]
+    data_dir = holdout_data_dir(task, seed, args)
+    scores = {}
+    for lr in candidates:
+        key = run_key(task, variant, run_config(variant, args, lr), seed)
+        out = Path(args.runs_dir) / "lr" / run_dir_name(task, variant, key, seed, f"-lr{lr:g}")
+        result = train_once(task, variant, seed, args, data_dir, out, lr=lr,
+                            max_train_samples=args.max_train_samples)
+        scores[lr] = result["metrics"][result["headline_metric"]]
+        print(f"    lr {lr:g}: held-out {result['headline_metric']} {scores[lr]:.4f}", flush=True)
+    best = max(scores, key=scores.get)
+    return best, {str(k): v for k, v in scores.items()}
+
+
+def row_from_results(task, variant, config, seed, results, lr_choice=None) -> dict:
+    train = results["train"]
+    return {
+        "task": task, "variant": variant, "method": results["method"], "model": results["model"],
+        "config": config, "method_config": results["method_config"], "seed": seed,
+        "trainable_params": results["trainable_params"], "total_params": results["total_params"],
+        "adapter_bytes": results["adapter_bytes"], "metrics": results["metrics"],
+        "headline_metric": results["headline_metric"], "lr": results["settings"]["lr"],
+        "lr_selection": lr_choice, "steps": train["steps"], "train_runtime_s": train["train_runtime_s"],
+        "wall_time_s": results["wall_time_s"], "num_train_examples": results["num_train_examples"],
+        "num_eval_examples": results["num_eval_examples"], "data": results["data"],
+        "command": results["command"], "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    tasks = split_list(args.tasks)
+    variants = [METHOD_ALIASES.get(v, v) for v in split_list(args.methods)]
+    seeds = [int(s) for s in split_list(args.seeds)]
+    unknown = [t for t in tasks if t not in TASKS] + [v for v in variants if v not in METHODS]
+    if unknown:
+        sys.exit(f"unknown task or method: {', '.join(unknown)}")
+    if args.lr_grid and args.data_dir in ("embedded", "hub"):
+        sys.exit("--lr-grid needs a parquet --data-dir to cut the held-out train slice from")
+
+    results_path = Path(args.results)
+    rows = read_rows(results_path)
+    done = {run_key(r["task"], r["variant"], r["config"], r["seed"]) for r in rows}
+
+    plan, skipped, total_s = [], 0, 0.0
+    for task in tasks:
+        steps = planned_steps(task, args)
+        for variant in variants:
+            config = run_config(variant, args)
+            for seed in seeds:
+                if run_key(task, variant, config, seed) in done:
+                    skipped += 1
+                    continue
+                runs = len(LR_MULTIPLIERS) + 1 if args.lr_grid else 1
+                estimate = runs * (steps * seconds_per_step(variant, rows) + SECONDS_PER_RUN)
+                plan.append((task, variant, seed, config, steps, estimate))
+                total_s += estimate
+
+    print(f"{len(plan)} runs to do, {skipped} already in {results_path}; "
+          f"estimated {total_s / 3600:.2f} h on this machine's rates")
+    for task, variant, seed, _, steps, estimate in plan:
+        print(f"  {task:6s} {variant:12s} seed {seed}  {steps:6d} steps  ~{estimate / 60:.1f} min")
+    if args.dry_run:
+        return 0
+
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for i, (task, variant, seed, config, _, _) in enumerate(plan, 1):
+        print(f"[{i}/{len(plan)}] {task} {variant} seed {seed}", flush=True)
+        try:
+            lr, lr_choice = None, None
+            if args.lr_grid:
+                lr, scores = choose_lr(task, variant, seed, args)
+                lr_choice = {"chosen": lr, "held_out_scores": scores,
+                             "held_out_samples": args.holdout_samples, "from": "train split"}
+            key = run_key(task, variant, config, seed)
+            out = Path(args.runs_dir) / run_dir_name(task, variant, key, seed)
+            results = train_once(task, variant, seed, args, args.data_dir, out, lr=lr,
+                                 max_train_samples=args.max_train_samples,
+                                 max_eval_samples=args.max_eval_samples)
+        except RuntimeError as error:  # one broken method must not stop the grid
+            failures += 1
+            print(f"  failed: {error}", file=sys.stderr, flush=True)
+            continue
+        row = row_from_results(task, variant, config, seed, results, lr_choice)
+        with results_path.open("a") as handle:  # appended at once: an interrupted grid loses one run at most
+            handle.write(json.dumps(row, sort_keys=True) + "\n")
+        metric = row["headline_metric"]
+        print(f"  {metric} {row['metrics'][metric]:.4f}  trainable {row['trainable_params']:,}  "
+              f"{row['wall_time_s']:.0f} s", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
