@@ -11,12 +11,14 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from .config_base import TensorTrainPeftConfig
 from ..loretta_shapes import check_matrix_shape, head_shape, row_split
 from ..tensor_train import contract_cores, full_ranks
 from ..tt_matrix import thin_factors
@@ -27,15 +29,26 @@ LORETTA_INITS = ("zero", "reference")
 # ----------------------------------------------------------------------------- config checks
 
 
-def check_common_fields(config, cls_name: str, inits: Sequence[str]) -> None:
-    """Checks shared by both LoRETTA configs (after ``check_shared_fields``); each error names the field,
-    its value and what is valid."""
-    if config.init not in inits:
-        raise ValueError(f"{cls_name}: init={config.init!r} is invalid; valid values: {tuple(inits)}")
-    for flag in ("train_layernorms", "tensorised_head"):
-        if not isinstance(getattr(config, flag), bool):
-            raise ValueError(f"{cls_name}: {flag}={getattr(config, flag)!r} is invalid; valid: True or False")
-    config.head_tensor_shape = normalise_shape(config.head_tensor_shape, cls_name, "head_tensor_shape")
+@dataclass
+class LorettaConfigBase(TensorTrainPeftConfig):
+    """Fields both LoRETTA methods have: their init, trained layer norms and the tensorised head."""
+
+    init: Literal["zero", "reference"] = field(
+        default="zero", metadata={"help": "'zero' (start at the base model) or 'reference' (published init)."}
+    )
+    train_layernorms: bool = field(default=True, metadata={"help": "Train and save every layer norm."})
+    tensorised_head: bool = field(default=False, metadata={"help": "Replace the head's dense layer by a TT layer."})
+    head_tensor_shape: Optional[list[int]] = field(default=None, metadata={"help": "Train shape of the head layer."})
+
+    def check_loretta_fields(self, cls_name: str, method: str) -> None:
+        """The shared checks, then these fields'; each error names the field, its value and what is valid."""
+        self.check_shared_fields(cls_name, method)
+        if self.init not in LORETTA_INITS:
+            raise ValueError(f"{cls_name}: init={self.init!r} is invalid; valid values: {LORETTA_INITS}")
+        for flag in ("train_layernorms", "tensorised_head"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{cls_name}: {flag}={getattr(self, flag)!r} is invalid; valid: True or False")
+        self.head_tensor_shape = normalise_shape(self.head_tensor_shape, cls_name, "head_tensor_shape")
 
 
 def normalise_shape(shape, cls_name: str, option: str) -> Optional[list[int]]:
@@ -237,6 +250,13 @@ class TensorisedHead(nn.Module):
 
     head_attr: str
     head_bias_attr: str
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, module_name: str = "", **kwargs) -> None:
+        nn.Module.__init__(self)
+        self.init_head(base_layer)
+        self.kwargs = kwargs
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, module_name=module_name)
 
     def init_head(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer

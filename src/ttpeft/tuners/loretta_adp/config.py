@@ -4,13 +4,12 @@ tensor trains."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Optional, Union
 
 from transformers.activations import ACT2FN
 
 from ...registration import ensure_peft_type
-from ..config_base import TensorTrainPeftConfig
-from ..loretta_common import LORETTA_INITS, check_common_fields, normalise_shape
+from ..loretta_common import LorettaConfigBase, normalise_shape
 
 # Encoder blocks: an output adapter after each attention-output and FFN-output dense layer.
 _ENCODER_TARGETS = r".*\.output\.dense"
@@ -31,7 +30,7 @@ LORETTA_ADP_INPUT_ADAPTER_MODULES: dict[str, list[str]] = {
 
 
 @dataclass
-class LorettaAdpConfig(TensorTrainPeftConfig):
+class LorettaAdpConfig(LorettaConfigBase):
     """LoRETTA_adp: a bottleneck adapter ``h <- h + s * up(act(down(h)))`` whose ``down`` (``h -> m``) and
     ``up`` (``m -> h``) are tensor trains (with biases, as published).
 
@@ -71,18 +70,11 @@ class LorettaAdpConfig(TensorTrainPeftConfig):
     )
     down_tensor_shape: Optional[list[int]] = field(default=None, metadata={"help": "Train shape of down (h * m)."})
     up_tensor_shape: Optional[list[int]] = field(default=None, metadata={"help": "Train shape of up (m * h)."})
-    init: Literal["zero", "reference"] = field(
-        default="zero", metadata={"help": "'zero' (start at the base model) or 'reference' (published init)."}
-    )
-    train_layernorms: bool = field(default=True, metadata={"help": "Train and save every layer norm."})
-    tensorised_head: bool = field(default=False, metadata={"help": "Replace the head's dense layer by a TT layer."})
-    head_tensor_shape: Optional[list[int]] = field(default=None, metadata={"help": "Train shape of the head layer."})
 
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = ensure_peft_type("loretta_adp")
-        self.check_shared_fields("LorettaAdpConfig", "loretta_adp")
-        check_common_fields(self, "LorettaAdpConfig", LORETTA_INITS)
+        self.check_loretta_fields("LorettaAdpConfig", "loretta_adp")
         for name in ("bottleneck_size", "tensor_rank"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

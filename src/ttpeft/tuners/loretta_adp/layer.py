@@ -196,13 +196,5 @@ class LorettaAdpHead(TensorisedHead, LorettaAdpLayer):
     head_attr = "loretta_adp_head"
     head_bias_attr = "loretta_adp_head_bias"
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LorettaAdpConfig, module_name: str = "",
-                 **kwargs) -> None:
-        nn.Module.__init__(self)
-        self.init_head(base_layer)
-        self.kwargs = kwargs
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, module_name=module_name)
-
     def __repr__(self) -> str:
         return "loretta_adp_head." + super().__repr__()

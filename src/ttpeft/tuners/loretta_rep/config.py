@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Optional
 
 
 from ...registration import ensure_peft_type
-from ..config_base import TensorTrainPeftConfig
-from ..loretta_common import LORETTA_INITS, check_common_fields, normalise_shape
+from ..loretta_common import LorettaConfigBase, normalise_shape
 
 
 @dataclass
-class LorettaRepConfig(TensorTrainPeftConfig):
+class LorettaRepConfig(LorettaConfigBase):
     """LoRETTA_rep: ``y = W0 x + (lora_alpha / r) * B A x`` with A (``r x in``) and B (``out x r``) each a
     tensor train over a factorisation of ``in * r`` (resp. ``r * out``).
 
@@ -45,18 +44,11 @@ class LorettaRepConfig(TensorTrainPeftConfig):
     tensor_rank: int = field(default=5, metadata={"help": "TT rank of the A and B trains."})
     a_tensor_shape: Optional[list[int]] = field(default=None, metadata={"help": "Train shape of A (in * r)."})
     b_tensor_shape: Optional[list[int]] = field(default=None, metadata={"help": "Train shape of B (r * out)."})
-    init: Literal["zero", "reference"] = field(
-        default="zero", metadata={"help": "'zero' (start at the base model) or 'reference' (published init)."}
-    )
-    train_layernorms: bool = field(default=True, metadata={"help": "Train and save every layer norm."})
-    tensorised_head: bool = field(default=False, metadata={"help": "Replace the head's dense layer by a TT layer."})
-    head_tensor_shape: Optional[list[int]] = field(default=None, metadata={"help": "Train shape of the head layer."})
 
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = ensure_peft_type("loretta_rep")
-        self.check_shared_fields("LorettaRepConfig", "loretta_rep")
-        check_common_fields(self, "LorettaRepConfig", LORETTA_INITS)
+        self.check_loretta_fields("LorettaRepConfig", "loretta_rep")
         for name in ("r", "tensor_rank"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
