@@ -170,10 +170,14 @@ def build_grouped(refs: Iterable[TTFactorsRef]) -> int:
     return len(groups)
 
 
-def prepare_factors(layers: Iterable) -> int:
-    """Model pre-forward hook body: new forward id, then grouped factors for every layer's refs."""
+def prepare_factors(layers: Iterable, adapter_names: Sequence[str] | None = None) -> int:
+    """Model pre-forward hook body: new forward id, then grouped factors for every layer's refs (of its
+    active adapters, or of ``adapter_names``)."""
     if torch.compiler.is_compiling():
         return 0  # layers build their factors inline in compiled graphs
     begin_forward()
-    refs = [ref for layer in layers for ref in layer.factor_refs_to_prepare()]
+    if adapter_names is None:
+        refs = [ref for layer in layers for ref in layer.factor_refs_to_prepare()]
+    else:
+        refs = [ref for layer in layers for ref in layer.factor_refs_to_prepare(list(adapter_names))]
     return build_grouped(refs) if refs else 0

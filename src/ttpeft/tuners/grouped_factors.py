@@ -20,13 +20,17 @@ class GroupedFactorsMixin:
 
     def _prepare_factors_hook(self, module, args):
         if self.group_factors:
-            prepare_factors(m for m in module.modules() if isinstance(m, self.tuner_layer_cls))
+            # In a mixed-adapter batch, every adapter the batch names, not only the active ones.
+            prepare_factors((m for m in module.modules() if isinstance(m, self.tuner_layer_cls)),
+                            getattr(self, "_batch_adapter_names", None))
         else:
             begin_forward()
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        # Only once it succeeded: a refused merge leaves the adapted model working.
         hook = getattr(self, "_factor_hook", None)
         if hook is not None:
             hook.remove()
             self._factor_hook = None
-        return super()._unload_and_optionally_merge(*args, **kwargs)
+        return model

@@ -19,6 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .config_base import TensorTrainPeftConfig
+from .mixed_batch import row_groups
 from ..loretta_shapes import check_matrix_shape, head_shape, row_split
 from ..tensor_train import contract_cores, full_ranks
 from ..tt_matrix import thin_factors
@@ -283,7 +284,7 @@ class TensorisedHead(nn.Module):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
-    def factor_refs_to_prepare(self) -> list:
+    def factor_refs_to_prepare(self, adapter_names: Optional[list[str]] = None) -> list:
         return []  # one layer per model: it builds its weight in its own forward
 
     def _head_adapter(self) -> Optional[str]:
@@ -327,15 +328,35 @@ class TensorisedHead(nn.Module):
         self._original_weights = None
         self.merged_adapters.clear()
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, adapter_names: Optional[list[str]] = None,
+                **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         adapter_name = self._head_adapter()
         if self.merged or adapter_name is None:
             return self.base_layer(x, *args, **kwargs)
+        return self._head_forward(adapter_name, x)
+
+    def _head_forward(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         cores = list(getattr(self, self.head_attr)[adapter_name])
         out = apply_factors(x, tt_weight_factors(cores, self.in_features))
         return out + getattr(self, self.head_bias_attr)[adapter_name].to(out.dtype)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> torch.Tensor:
+        """Row ``i`` through adapter ``adapter_names[i]``'s head; the original layer for ``"__base__"`` and for
+        adapters without a head."""
+        result = None
+        for adapter_name, rows in row_groups(adapter_names, x.device):
+            if adapter_name in getattr(self, self.head_attr):
+                out = self._head_forward(adapter_name, x[rows])
+            else:
+                out = self.base_layer(x[rows], *args, **kwargs)
+            if result is None:
+                result = out.new_empty((len(x),) + tuple(out.shape[1:]))
+            result[rows] = out
+        return result
 

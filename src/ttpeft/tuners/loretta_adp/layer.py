@@ -24,6 +24,7 @@ from ..loretta_common import (
     tt_params,
     uniform_ranks,
 )
+from ..mixed_batch import row_groups
 from ..ttlora.layer import base_layer_features
 from .config import LorettaAdpConfig
 
@@ -118,10 +119,11 @@ class LorettaAdpLayer(BaseTunerLayer):
         return TTFactorsRef(self.factor_cache, adapter_name, down_cores, core_list(self.loretta_adp_up[adapter_name]),
                             self.loretta_adp_width[adapter_name], out_dtype)
 
-    def factor_refs_to_prepare(self) -> list[TTFactorsRef]:
+    def factor_refs_to_prepare(self, adapter_names: Optional[list[str]] = None) -> list[TTFactorsRef]:
+        """Refs of the active adapters, or of ``adapter_names`` (those of a mixed-adapter batch)."""
         if self.disable_adapters:
             return []
-        return [self.factor_ref(name) for name in self.active_adapters
+        return [self.factor_ref(name) for name in (self.active_adapters if adapter_names is None else adapter_names)
                 if name in self.loretta_adp_down and self.loretta_adp_contraction[name] != "sequential"]
 
     def adapter_output(self, adapter_name: str, h: torch.Tensor) -> torch.Tensor:
@@ -172,9 +174,12 @@ class LorettaAdpLinear(nn.Module, LorettaAdpLayer):
         return [name for name in self.active_adapters
                 if name in self.loretta_adp_down and self.loretta_adp_placement[name] == placement]
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, adapter_names: Optional[list[str]] = None,
+                **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         inputs = self._active("input")
         if inputs:
             x = x + sum(self.adapter_output(name, x) for name in inputs).to(x.dtype)
@@ -182,6 +187,23 @@ class LorettaAdpLinear(nn.Module, LorettaAdpLayer):
         outputs = self._active("output")
         if outputs:
             result = result + sum(self.adapter_output(name, result) for name in outputs).to(result.dtype)
+        return result
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> torch.Tensor:
+        """Row ``i`` through adapter ``adapter_names[i]``; ``"__base__"`` rows (and adapters this layer lacks)
+        skip the residual bottleneck."""
+        groups = [(name, rows) for name, rows in row_groups(adapter_names, x.device) if name in self.loretta_adp_down]
+        inputs = [(name, rows) for name, rows in groups if self.loretta_adp_placement[name] == "input"]
+        if inputs:
+            x = x.clone()
+            for name, rows in inputs:
+                x[rows] = x[rows] + self.adapter_output(name, x[rows]).to(x.dtype)
+        result = self.base_layer(x, *args, **kwargs)
+        outputs = [(name, rows) for name, rows in groups if self.loretta_adp_placement[name] == "output"]
+        if outputs:
+            result = result.clone()
+            for name, rows in outputs:
+                result[rows] = result[rows] + self.adapter_output(name, result[rows]).to(result.dtype)
         return result
 
     def __repr__(self) -> str:

@@ -9,6 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..grouped_factors import GroupedFactorsMixin
+from ..mixed_batch import MixedBatchMixin
 from ...budget import config_for_layer, plan_adapter
 from ..loretta_common import prepare_trainable_extras
 from ..state_dict_checks import ShapeCheckedLoadMixin
@@ -20,7 +21,7 @@ def _matches(key: str, names) -> bool:
     return any(key == name or key.endswith("." + name) for name in names or ())
 
 
-class LorettaAdpModel(ShapeCheckedLoadMixin, GroupedFactorsMixin, BaseTuner):
+class LorettaAdpModel(ShapeCheckedLoadMixin, MixedBatchMixin, GroupedFactorsMixin, BaseTuner):
     """Adds LoRETTA_adp adapters to a model: by default output adapters after every ``*.output.dense`` of
     BERT/RoBERTa/DeBERTa blocks and, for LLaMA-family models, input adapters before ``gate_proj`` and
     ``up_proj`` and an output adapter after ``down_proj``.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -24,7 +25,7 @@ from ..loretta_common import (
     tt_weight,
     uniform_ranks,
 )
-from ..factored_linear import FactoredUpdateLinear
+from ..factored_linear import FactoredUpdateLinear, quantisation
 from ..ttlora.layer import base_layer_features
 from .config import LorettaRepConfig
 
@@ -91,10 +92,11 @@ class LorettaRepLayer(BaseTunerLayer):
         return TTFactorsRef(self.factor_cache, adapter_name, a_cores, core_list(self.loretta_rep_B[adapter_name]),
                             self.in_features, out_dtype, self.loretta_rep_scaling[adapter_name])
 
-    def factor_refs_to_prepare(self) -> list[TTFactorsRef]:
+    def factor_refs_to_prepare(self, adapter_names: Optional[list[str]] = None) -> list[TTFactorsRef]:
+        """Refs of the active adapters, or of ``adapter_names`` (those of a mixed-adapter batch)."""
         if self.disable_adapters or self.merged:
             return []
-        return [self.factor_ref(name) for name in self.active_adapters
+        return [self.factor_ref(name) for name in (self.active_adapters if adapter_names is None else adapter_names)
                 if name in self.loretta_rep_A and self.loretta_rep_contraction[name] != "sequential"]
 
     def sequential_update(self, adapter_name: str, h: torch.Tensor) -> torch.Tensor:
@@ -120,6 +122,8 @@ class LorettaRepLinear(FactoredUpdateLinear, nn.Module, LorettaRepLayer):
         super().__init__()
         LorettaRepLayer.__init__(self, base_layer, **kwargs)
         self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)
+        self.module_name = module_name
+        self.quantisation = quantisation(self.get_base_layer())
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, module_name=module_name)
 

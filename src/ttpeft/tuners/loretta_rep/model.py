@@ -9,7 +9,9 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..factored_linear import check_merge_not_quantised
 from ..grouped_factors import GroupedFactorsMixin
+from ..mixed_batch import MixedBatchMixin
 from ...budget import config_for_layer, plan_adapter
 from ..loretta_common import prepare_trainable_extras
 from ..state_dict_checks import ShapeCheckedLoadMixin
@@ -17,7 +19,7 @@ from .config import LorettaRepConfig
 from .layer import LorettaRepHead, LorettaRepLayer, LorettaRepLinear
 
 
-class LorettaRepModel(ShapeCheckedLoadMixin, GroupedFactorsMixin, BaseTuner):
+class LorettaRepModel(ShapeCheckedLoadMixin, MixedBatchMixin, GroupedFactorsMixin, BaseTuner):
     """Adds LoRETTA_rep adapters to the target linear layers of a model (default: LoRA's, query/value).
 
     With ``train_layernorms`` the layer norms, and with ``tensorised_head`` the classifier head's final
@@ -59,3 +61,7 @@ class LorettaRepModel(ShapeCheckedLoadMixin, GroupedFactorsMixin, BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until set active
         self._replace_module(parent, target_name, new_module, target)
+
+    def _check_merge_allowed(self):
+        super()._check_merge_allowed()
+        check_merge_not_quantised(self.model)

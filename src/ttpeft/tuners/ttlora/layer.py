@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -14,7 +15,7 @@ from ...contraction import apply_sequential, choose_strategy
 from ...factor_cache import FactorCache, TTFactorsRef, core_list, factor_dtype
 from ...shapes import auto_ttlora_shape, check_ttlora_ranks, factorisation_note
 from ...tt_matrix import init_tt_matrix_cores, thin_factors
-from ..factored_linear import FactoredUpdateLinear
+from ..factored_linear import FactoredUpdateLinear, quantisation
 from .config import TTLoraConfig
 
 
@@ -94,10 +95,11 @@ class TTLoraLayer(BaseTunerLayer):
         return TTFactorsRef(self.factor_cache, adapter_name, cores[:num_row_cores], cores[num_row_cores:],
                             self.in_features, out_dtype, self.ttlora_alpha[adapter_name])
 
-    def factor_refs_to_prepare(self) -> list[TTFactorsRef]:
+    def factor_refs_to_prepare(self, adapter_names: Optional[list[str]] = None) -> list[TTFactorsRef]:
+        """Refs of the active adapters, or of ``adapter_names`` (those of a mixed-adapter batch)."""
         if self.disable_adapters or self.merged:
             return []
-        return [self.factor_ref(name) for name in self.active_adapters
+        return [self.factor_ref(name) for name in (self.active_adapters if adapter_names is None else adapter_names)
                 if name in self.ttlora_cores and self.ttlora_contraction[name] != "sequential"]
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -116,6 +118,8 @@ class TTLoraLinear(FactoredUpdateLinear, nn.Module, TTLoraLayer):
         super().__init__()
         TTLoraLayer.__init__(self, base_layer, **kwargs)
         self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)
+        self.module_name = module_name
+        self.quantisation = quantisation(self.get_base_layer())
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, module_name=module_name)
 

@@ -8,13 +8,15 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...budget import config_for_layer, plan_adapter
+from ..factored_linear import check_merge_not_quantised
 from ..grouped_factors import GroupedFactorsMixin
+from ..mixed_batch import MixedBatchMixin
 from ..state_dict_checks import ShapeCheckedLoadMixin
 from .config import TTLoraConfig
 from .layer import TTLoraLayer, TTLoraLinear
 
 
-class TTLoraModel(ShapeCheckedLoadMixin, GroupedFactorsMixin, BaseTuner):
+class TTLoraModel(ShapeCheckedLoadMixin, MixedBatchMixin, GroupedFactorsMixin, BaseTuner):
     """Adds TT-LoRA adapters to the target linear layers of a model.
 
     Default targets are LoRA's (query/value projections) for architectures peft knows. Before each
@@ -44,3 +46,7 @@ class TTLoraModel(ShapeCheckedLoadMixin, GroupedFactorsMixin, BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until set active
         self._replace_module(parent, target_name, new_module, target)
+
+    def _check_merge_allowed(self):
+        super()._check_merge_allowed()
+        check_merge_not_quantised(self.model)
