@@ -193,3 +193,18 @@ def test_switching_between_loaded_adapters(method, tmp_path):
     torch.testing.assert_close(logits(served, inputs, adapter_names=names),
                                torch.cat([expected["second"][:1], expected["first"][1:2],
                                           per_row(served, logits, inputs[2:], ["__base__"])]), rtol=1e-5, atol=1e-5)
+
+
+def test_switching_keeps_only_the_factors_in_use():
+    """With many adapters loaded, each layer caches the factors of the adapters the last forward used."""
+    model = two_adapters(tiny_bert, lambda: bert_config("ttlora"))
+    model.add_adapter("third", bert_config("ttlora"))
+    inputs = token_batch(batch=2)
+    layers = [m for m in model.modules() if hasattr(m, "factor_cache")]
+    for name in ["first", "second", "third", "first"]:
+        model.set_adapter(name)
+        expected = logits(model, inputs)
+        assert all(set(layer.factor_cache.entries) == {name} for layer in layers)
+        torch.testing.assert_close(logits(model, inputs), expected)  # served from the cache
+    logits(model, inputs, adapter_names=["third", "second"])
+    assert all(set(layer.factor_cache.entries) == {"second", "third"} for layer in layers)

@@ -176,8 +176,24 @@ def prepare_factors(layers: Iterable, adapter_names: Sequence[str] | None = None
     if torch.compiler.is_compiling():
         return 0  # layers build their factors inline in compiled graphs
     begin_forward()
+    layers = list(layers)
     if adapter_names is None:
         refs = [ref for layer in layers for ref in layer.factor_refs_to_prepare()]
     else:
         refs = [ref for layer in layers for ref in layer.factor_refs_to_prepare(list(adapter_names))]
+    evict_unused(layers, refs)
     return build_grouped(refs) if refs else 0
+
+
+def evict_unused(layers: Sequence, refs: Sequence[TTFactorsRef]) -> None:
+    """Drop cached factors this forward does not use (adapters switched away from): with many adapters
+    loaded, only those in use hold factors (a TT adapter's factors are several times its cores)."""
+    wanted: dict[int, set[str]] = defaultdict(set)
+    for ref in refs:
+        wanted[id(ref.cache)].add(ref.name)
+    for layer in layers:
+        cache = getattr(layer, "factor_cache", None)
+        if cache is not None and cache.entries:
+            keep = wanted.get(id(cache), ())
+            for name in [name for name in cache.entries if name not in keep]:
+                del cache.entries[name]
