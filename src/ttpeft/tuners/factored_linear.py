@@ -28,9 +28,9 @@ def quantisation(layer: nn.Module) -> Optional[str]:
     return None
 
 
-def quantised_merge_error(module_name: str, kind: str, what: str = "merge") -> ValueError:
+def quantised_merge_error(module_name: str, kind: str) -> ValueError:
     return ValueError(
-        f"cannot {what} into {module_name!r}: its base layer is a bitsandbytes {kind} layer, and adding the update to "
+        f"cannot merge into {module_name!r}: its base layer is a bitsandbytes {kind} layer, and adding the update to "
         f"{kind} weights re-quantises them, so the merged model would not compute what the adapter does; keep the "
         "PeftModel (the update runs next to the quantised layer), or dequantise the base first (load it in "
         "float16/bfloat16/float32, then load the adapter and merge)"
