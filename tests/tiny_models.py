@@ -43,3 +43,36 @@ def logits(model, inputs):
         if isinstance(inputs, torch.Tensor) and inputs.dtype == torch.long:
             return model(input_ids=inputs).logits
         return model(inputs)
+
+
+def save_tiny_classifier(folder, seed: int = 0) -> str:
+    """A tiny BERT classifier saved with MiniLM's tokenizer, for ``ttpeft train --model <folder>``. Dropout is
+    off, so that runs splitting the same batches differently (processes) compute the same updates."""
+    from transformers import AutoTokenizer
+
+    from ttpeft.models import minilm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=2, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def save_tiny_llama(folder, seed: int = 0) -> str:
+    """A tiny LLaMA-architecture causal LM saved with MiniLM's tokenizer, for ``ttpeft train --model <folder>``."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from ttpeft.models import minilm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

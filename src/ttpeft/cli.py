@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .compress_command import add_compress_parser, add_plan_parser
     from .methods import METHOD_OPTIONS, METHODS
     from .tasks import METRICS, task_names
-    from .training import DEFAULT_MODEL, MODEL_ALIASES
+    from .training import DEFAULT_MODEL, MODEL_ALIASES, PRECISIONS
 
     parser = _Parser(prog=PROG, description="Tensor-train parameter-efficient fine-tuning of Hugging Face models.")
     commands = parser.add_subparsers(dest="command", metavar="{train,eval,compress,plan}", parser_class=_Parser)
@@ -92,11 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     hyper.add_argument("--lr", type=_positive(float), default=None,
                        help="learning rate (default: the method's own: "
                             + ", ".join(f"{m.name} {m.default_lr:g}" for m in METHODS.values()) + ")")
-    hyper.add_argument("--batch-size", type=_positive(int), default=32, help="examples per step")
+    hyper.add_argument("--batch-size", type=_positive(int), default=32,
+                       help="examples per step and process (under torchrun / accelerate launch, times the "
+                            "number of processes)")
     hyper.add_argument("--max-length", type=_positive(int), default=128, help="tokens per example (truncated)")
     hyper.add_argument("--seed", type=int, default=42, help="random seed (initialisation, data order, dropout)")
     hyper.add_argument("--warmup-fraction", type=float, default=0.06, help="fraction of steps for lr warm-up")
     hyper.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    hyper.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                       help="compute precision: bf16/fp16 autocast with fp32 trainable weights; fp16 needs CUDA")
 
     data = train.add_argument_group("data")
     _add_data_options(data)
@@ -220,10 +224,28 @@ def _split_list(text: Optional[str]) -> Optional[list[str]]:
 
 
 def run_train(args, argv: list[str]) -> dict:
+    """Under torchrun / accelerate launch every process runs this; the main one alone writes and prints."""
+    from . import training
+
+    started = time.time()
+    training.check_precision(args.precision)
+    training.check_launch()
+    main_process = training.process_state().is_main_process
+    if not main_process:
+        log.setLevel(logging.WARNING)
+    try:
+        results = _train_and_write(args, argv, started, main_process)
+    except BaseException:
+        training.end_processes(wait=False)
+        raise
+    training.end_processes()
+    return results
+
+
+def _train_and_write(args, argv: list[str], started: float, main_process: bool) -> dict:
     from . import training
     from .methods import get_method, method_config_fields, read_config_file
 
-    started = time.time()
     method = get_method(args.method)
     file_fields = read_config_file(args.method_config) if args.method_config else None
     config_fields = method_config_fields(method, vars(args), file_fields)
@@ -236,18 +258,21 @@ def run_train(args, argv: list[str]) -> dict:
     family = training.model_family(source)
 
     log.info("loading data")
-    data = _load_data(args, task_args, need_train=True)
+    with training.process_state().main_process_first():  # one process downloads or caches, the others read
+        data = _load_data(args, task_args, need_train=True)
     task = data.task
     settings = training.TrainSettings(epochs=args.epochs, lr=lr, batch_size=args.batch_size,
                                       max_length=args.max_length, seed=args.seed,
                                       warmup_fraction=args.warmup_fraction, weight_decay=args.weight_decay,
-                                      progress=not args.no_progress)
+                                      progress=not args.no_progress and main_process, precision=args.precision)
     identity = {"task": task.qualified_name, "task_args": task_args, "data": data.source, "model": source.name,
                 "method": method.name, "method_fields": config_fields,
                 "settings": {k: v for k, v in vars(settings).items() if k != "progress"},
                 "max_train_samples": args.max_train_samples, "max_eval_samples": args.max_eval_samples}
-    output_dir = Path(args.output_dir or f"runs/{task.name}-{method.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    training.check_output_dir(output_dir, identity, args.overwrite)
+    processes = training.process_state().num_processes
+    if processes > 1:  # the global batch, hence the run, depends on it
+        identity["processes"] = processes
+    output_dir = training.on_main_process(_checked_output_dir, args, task, method, identity)
 
     train_set = training.take(data.train, args.max_train_samples, seed=args.seed)
     validation = training.take(data.validation, args.max_eval_samples)
@@ -264,10 +289,12 @@ def run_train(args, argv: list[str]) -> dict:
     log.info("%s: %s trainable of %s parameters", method.name, f"{trainable:,}", f"{total:,}")
 
     with _temporary_folder(output_dir) as work_dir:
-        train_summary = training.train(model, tokenizer, task, train_set, family, settings, work_dir)
+        train_summary, trainer = training.fit(model, tokenizer, task, train_set, family, settings, work_dir)
     log.info("evaluating on %d validation examples", len(validation))
-    metrics = training.evaluate(model, tokenizer, task, validation, family, settings.max_length,
-                                settings.batch_size, progress=settings.progress)
+    # every process evaluates the same examples (under FSDP each forward gathers weights from all of them)
+    metrics = training.evaluate(training.trained_model(trainer), tokenizer, task, validation, family,
+                                settings.max_length, settings.batch_size, progress=settings.progress)
+    state_dict = training.gathered_state_dict(trainer)
     results = {
         "task": task.qualified_name, "task_spec": _task_record(task, task_args), "data": data.source,
         "model": source.name, "model_path": source.path, "model_gguf_file": source.gguf_file, "family": family,
@@ -276,13 +303,23 @@ def run_train(args, argv: list[str]) -> dict:
         "metrics": metrics, "headline_metric": task.metrics[0],
         "num_train_examples": len(train_set), "num_eval_examples": len(validation),
         "train": train_summary, "settings": identity["settings"],
-        "seed": args.seed, "wall_time_s": round(time.time() - started, 1), "memory": training.peak_memory_mb(),
+        "seed": args.seed, "precision": settings.precision, "wall_time_s": round(time.time() - started, 1),
+        "memory": training.peak_memory_mb(),
         "versions": training.package_versions(), "command": " ".join([PROG] + [_quote(a) for a in argv]),
         "identity": identity,
     }
-    results = training.write_run(output_dir, model, method, results)
-    print(_summary(results, output_dir))
+    if main_process:
+        results = training.write_run(output_dir, model, method, results, state_dict)
+        print(_summary(results, output_dir))
     return results
+
+
+def _checked_output_dir(args, task, method, identity: dict) -> Path:
+    from .training import check_output_dir
+
+    output_dir = Path(args.output_dir or f"runs/{task.name}-{method.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_output_dir(output_dir, identity, args.overwrite)
+    return output_dir
 
 
 def run_zero_shot(args) -> dict:
@@ -369,22 +406,31 @@ def _task_record(task, task_args: dict) -> dict:
 
 
 class _temporary_folder:
-    """A scratch folder for the Trainer next to the output, removed afterwards."""
+    """A scratch folder for the Trainer next to the output, removed afterwards; made and removed by the main
+    process, shared by the others."""
 
     def __init__(self, output_dir: Path):
         self.parent = output_dir.resolve().parent
 
-    def __enter__(self) -> str:
+    def _make(self) -> str:
         import tempfile
 
         self.parent.mkdir(parents=True, exist_ok=True)
-        self.path = tempfile.mkdtemp(prefix=".ttpeft-trainer-", dir=self.parent)
+        return tempfile.mkdtemp(prefix=".ttpeft-trainer-", dir=self.parent)
+
+    def __enter__(self) -> str:
+        from .training import on_main_process
+
+        self.path = on_main_process(self._make)
         return self.path
 
     def __exit__(self, *exc):
         import shutil
 
-        shutil.rmtree(self.path, ignore_errors=True)
+        from .training import process_state
+
+        if process_state().is_main_process:
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def _quote(arg: str) -> str:
@@ -406,12 +452,14 @@ def _summary(results: dict, output_dir: Path) -> str:
     metrics = "  ".join(f"{k} {v:.4f}" for k, v in results["metrics"].items())
     minutes, seconds = divmod(results["wall_time_s"], 60)
     train = results["train"]
+    processes = f", {train['processes']} processes" if train.get("processes", 1) > 1 else ""
+    precision = f", {train['precision']}" if train.get("precision", "fp32") != "fp32" else ""
     return "\n".join([
         "",
         f"ttpeft train: {results['task']} ({results['data']}) · {results['method']} on {results['model']}",
         f"  trainable parameters  {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
         f"  training              {train['examples']} examples, {train['steps']} steps, "
-        f"loss {train['train_loss']:.4f}, {train['train_runtime_s']:.0f} s",
+        f"loss {train['train_loss']:.4f}, {train['train_runtime_s']:.0f} s{processes}{precision}",
         f"  validation            {metrics}  ({results['num_eval_examples']} examples)",
         f"  adapter               {output_dir}/ ({', '.join(results['adapter_files'])}, "
         f"{_human_bytes(results['adapter_bytes'])})",

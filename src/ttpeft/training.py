@@ -221,14 +221,28 @@ class TrainSettings:
     weight_decay: float = 0.0
     progress: bool = True
     logging_steps: Optional[int] = None
+    precision: str = "fp32"  # autocast dtype; trainable weights stay fp32 either way
 
 
 def train(model, tokenizer, task: TaskSpec, train_set, family: str, settings: TrainSettings, work_dir: str) -> dict:
     """Train with the HF Trainer; returns a summary of the run (steps, final loss, runtime)."""
+    return fit(model, tokenizer, task, train_set, family, settings, work_dir)[0]
+
+
+def fit(model, tokenizer, task: TaskSpec, train_set, family: str, settings: TrainSettings, work_dir: str):
+    """``train``, also returning the Trainer (its model, wrapped for DDP/FSDP when launched on several processes).
+
+    ``settings.batch_size`` is per process: under torchrun / accelerate launch each step sees
+    ``batch_size × processes`` examples, split across the processes by the Trainer's sampler."""
+    from accelerate.utils import parse_flag_from_env
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainingArguments
 
-    features = featurize(task, tokenizer, train_set, family, settings.max_length)
-    steps_per_epoch = math.ceil(len(features) / settings.batch_size)
+    check_precision(settings.precision)
+    state = process_state()
+    with state.main_process_first():  # one process fills the datasets cache, the others read it
+        features = featurize(task, tokenizer, train_set, family, settings.max_length)
+    processes = state.num_processes
+    steps_per_epoch = math.ceil(len(features) / (settings.batch_size * processes))
     total_steps = max(1, math.ceil(steps_per_epoch * settings.epochs))
     collator = (DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100) if family == CAUSAL_LM
                 else DataCollatorWithPadding(tokenizer))
@@ -238,14 +252,130 @@ def train(model, tokenizer, task: TaskSpec, train_set, family: str, settings: Tr
         weight_decay=settings.weight_decay, lr_scheduler_type="linear", seed=settings.seed, data_seed=settings.seed,
         logging_steps=settings.logging_steps or max(1, total_steps // 10), save_strategy="no",
         report_to="none", disable_tqdm=not settings.progress, remove_unused_columns=False,
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, use_cpu=_cpu_only(),
+        bf16=settings.precision == "bf16", fp16=settings.precision == "fp16",
     )
     trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=collator)
+    if family == ENCODER:
+        # a classification loss is a mean over this process's examples and ignores num_items_in_batch; left
+        # on, the Trainer would multiply it by the number of processes, scaling loss and gradients
+        trainer.model_accepts_loss_kwargs = False
+    if trainer.is_fsdp_enabled:
+        prepare_for_sharding(model)
+    elif parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        raise InputError(FSDP_NOT_ENABLED)
     output = trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return {"steps": output.global_step, "train_loss": float(output.training_loss),
-            "final_logged_loss": float(losses[-1]) if losses else None,
-            "train_runtime_s": float(output.metrics.get("train_runtime", 0.0)), "examples": len(features)}
+    summary = {"steps": output.global_step, "train_loss": float(output.training_loss),
+               "final_logged_loss": float(losses[-1]) if losses else None,
+               "train_runtime_s": float(output.metrics.get("train_runtime", 0.0)), "examples": len(features),
+               "processes": args.world_size, "global_batch_size": settings.batch_size * args.world_size,
+               "precision": settings.precision, "distributed": _distributed_kind(trainer)}
+    return summary, trainer
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+FSDP_NOT_ENABLED = ("accelerate launch asked for FSDP (distributed_type: FSDP), but accelerate shards models only on "
+                    "GPUs and would run these processes as plain DDP; launch DDP instead (torchrun, or accelerate "
+                    "launch --config_file configs/accelerate/ddp.yaml)")
+
+
+def check_launch() -> None:
+    """Refuse early an FSDP launch on a machine without GPUs, which accelerate would quietly run as DDP."""
+    from accelerate.utils import parse_flag_from_env
+
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and _cpu_only():
+        raise InputError(FSDP_NOT_ENABLED)
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision {precision!r} is not valid: choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and not torch.cuda.is_available():
+        # fp16 training needs a loss scaler, which the Trainer only runs on CUDA
+        raise InputError("--precision fp16 needs a CUDA GPU (fp16 training scales the loss on CUDA); "
+                         "on CPU use --precision bf16 or --precision fp32")
+
+
+def _cpu_only() -> bool:
+    """No accelerator: tell the Trainer so, which also makes torchrun on CPU train with gloo DDP instead of
+    running independent copies."""
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available())
+
+
+def _distributed_kind(trainer) -> Optional[str]:
+    if trainer.is_fsdp_enabled:
+        return "fsdp"
+    if trainer.args.world_size <= 1:
+        return None
+    return str(trainer.accelerator.distributed_type.value).lower()  # multi_cpu, multi_gpu, ...
+
+
+def prepare_for_sharding(model) -> None:
+    """Under FSDP a layer's weights (TT cores included) are whole only while that layer runs: TT layers then
+    build their thin factors layer by layer rather than all together before the forward."""
+    for module in model.modules():
+        if hasattr(module, "group_factors"):
+            module.group_factors = False
+
+
+def trained_model(trainer):
+    """The model to evaluate after ``fit``: under FSDP the module that gathers its sharded weights in forward
+    (every process must then run the same forwards); otherwise the plain model, whole on every process."""
+    return trainer.model_wrapped if trainer.is_fsdp_enabled else trainer.model
+
+
+def gathered_state_dict(trainer) -> Optional[dict]:
+    """Under FSDP, the full state dict gathered onto the main process (a collective: every process calls it);
+    None when the model already holds its full weights."""
+    if not trainer.is_fsdp_enabled:
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+
+
+# -------------------------------------------------------------------------------------- processes
+
+
+def process_state():
+    """accelerate's view of the processes: one, or those started by torchrun / accelerate launch (it joins
+    their process group). Every process runs the same command; only the main one writes files."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=_cpu_only())
+
+
+def on_main_process(function, *args, **kwargs):
+    """``function(*args)`` on the main process, its result (or its InputError) handed to every process, so
+    that all of them go on, or all stop with the same message."""
+    from accelerate.utils import broadcast_object_list
+
+    state = process_state()
+    outcome = [None, None]
+    if state.is_main_process:
+        try:
+            outcome[0] = function(*args, **kwargs)
+        except InputError as error:
+            if state.num_processes == 1:
+                raise
+            outcome[1] = str(error)
+    if state.num_processes > 1:
+        broadcast_object_list(outcome, from_process=0)
+    if outcome[1] is not None:
+        raise InputError(outcome[1])
+    return outcome[0]
+
+
+def end_processes(wait: bool = True) -> None:
+    """Wait for the main process (it writes the run), then leave the process group. After an error, leave
+    without waiting: a process that failed alone would otherwise hold the others until the timeout."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    state = process_state()
+    if state.num_processes > 1:
+        if wait:
+            state.wait_for_everyone()
+        state.destroy_process_group()
 
 
 @torch.no_grad()
@@ -288,14 +418,17 @@ def _encoder_predictions(model, tokenizer, task, dataset, max_length, batch_size
 # ------------------------------------------------------------------------------------------ saving
 
 
-def save_weights(model, method: Method, folder: Path) -> list[str]:
-    """Save what training changed: peft's adapter files, or the trained weights for full / head."""
+def save_weights(model, method: Method, folder: Path, state_dict: Optional[dict] = None) -> list[str]:
+    """Save what training changed: peft's adapter files, or the trained weights for full / head.
+    ``state_dict``: the model's full weights when the model itself holds shards (FSDP)."""
     if method.config_class is not None:
-        model.save_pretrained(str(folder))
+        model.save_pretrained(str(folder), state_dict=state_dict)
     else:
         from safetensors.torch import save_file
 
-        trained = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+        values = state_dict if state_dict is not None else dict(model.named_parameters())
+        trained = {name: values[name].detach().cpu().contiguous()
+                   for name, p in model.named_parameters() if p.requires_grad}
         save_file(trained, str(folder / WEIGHTS_FILE))
     return sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors")
 
@@ -337,14 +470,14 @@ def check_output_dir(output_dir: Path, run_identity: dict, overwrite: bool) -> N
     raise InputError(f"output folder {output_dir} is not empty; choose another --output-dir or pass --overwrite")
 
 
-def write_run(output_dir: Path, model, method: Method, results: dict) -> dict:
+def write_run(output_dir: Path, model, method: Method, results: dict, state_dict: Optional[dict] = None) -> dict:
     """Write weights and results.json into a temporary sibling folder, then rename it into place, so an
-    interrupted run never leaves a complete-looking folder."""
+    interrupted run never leaves a complete-looking folder. Call it on the main process only."""
     output_dir = output_dir.resolve()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
-        files = save_weights(model, method, staging)
+        files = save_weights(model, method, staging, state_dict)
         results["adapter_files"] = files
         results["adapter_bytes"] = sum((staging / name).stat().st_size for name in files)
         (staging / RESULTS_FILE).write_text(json.dumps(json_safe(results), indent=2) + "\n")
