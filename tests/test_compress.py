@@ -99,7 +99,7 @@ def test_full_rank_compression_recovers_the_lora_exactly(case):
 @pytest.mark.parametrize("rel_error", [0.05, 0.3, 0.7])
 def test_compression_stays_within_the_requested_error(rel_error):
     lora = random_lora("bert", r=6)
-    compressed = compress_lora(lora, rel_error=rel_error)
+    compressed = compress_lora(lora, rel_error=rel_error, factors_per_side=3)  # 3 factors must truncate
     model = compressed.to_peft_model(tiny_bert())
     expected, got = lora_deltas(lora), tt_deltas(model)
     worst = 0.0
@@ -124,6 +124,28 @@ def test_rank_cap_and_parameter_budget():
     assert sum(p.numel() for n, p in model.named_parameters() if "ttlora_cores" in n) == total["params_after"]
     with pytest.raises(ValueError, match=r"minimum is [\d,]+ parameters"):
         compress_lora(lora, param_budget=10)
+
+
+def test_automatic_factor_count_picks_the_lowest_error_under_a_budget_and_fewest_params_under_an_error():
+    lora = random_lora("bert")
+    budget = compress_lora(lora, tt_rank=1, factors_per_side=3).report["total"]["params_before"] // 4
+    chosen = compress_lora(lora, param_budget=budget)
+    settings, total = chosen.report["settings"], chosen.report["total"]
+    assert total["params_after"] <= budget
+    for count in (2, 3, 4):
+        explicit = compress_lora(lora, param_budget=budget, factors_per_side=count).report["total"]
+        assert total["rel_error"] <= explicit["rel_error"] + 1e-9
+    assert settings["factors_per_side"] in (1, 2, 3, 4)
+    assert len(chosen.config.layer_plan[next(iter(chosen.config.layer_plan))]["tt_shape"][0]) <= settings[
+        "factors_per_side"]
+    by_error = compress_lora(lora, rel_error=0.3)
+    for count in (1, 2, 3):
+        explicit = compress_lora(lora, rel_error=0.3, factors_per_side=count).report["total"]
+        assert by_error.report["total"]["params_after"] <= explicit["params_after"]
+    # A rank cap or no setting keeps TT-LoRA's default of 3 factors per side.
+    assert compress_lora(lora, tt_rank=2).report["settings"]["factors_per_side"] == 3
+    with pytest.raises(ValueError, match="factors_per_side=0"):
+        compress_lora(lora, param_budget=budget, factors_per_side=0)
 
 
 def test_folder_and_model_give_the_same_adapter(tmp_path):

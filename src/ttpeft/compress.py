@@ -241,7 +241,7 @@ class CompressedAdapter:
 
 def compress_lora(adapter, output_dir: Union[str, Path, None] = None, *, tt_rank=None,
                   rel_error: Optional[float] = None, param_budget: Optional[int] = None,
-                  tt_shape: Optional[Sequence[Sequence[int]]] = None, factors_per_side: int = 3,
+                  tt_shape: Optional[Sequence[Sequence[int]]] = None, factors_per_side: Optional[int] = None,
                   alpha: float = 8.0, adapter_name: str = "default", balance: bool = True) -> CompressedAdapter:
     """Turn a peft LoRA adapter (a saved folder or a PeftModel) into a TT-LoRA adapter.
 
@@ -254,6 +254,11 @@ def compress_lora(adapter, output_dir: Union[str, Path, None] = None, *, tt_rank
       layer, the smallest that fits (found by bisection);
     * none of them: exact (the train then usually holds more numbers than the LoRA factors).
 
+    ``factors_per_side`` (how many factors each of in/out features is split into): by default, with
+    ``param_budget`` the count (1 to 4) whose trains have the lowest overall error, with ``rel_error``
+    the one with the fewest parameters, otherwise 3 (TT-LoRA's default). A LoRA update is a rank-k
+    matrix, and fewer factors keep more of that structure.
+
     Tensors that are not LoRA factors (``modules_to_save`` such as a classifier head) are copied as they
     are. The result reloads with ``PeftModel.from_pretrained`` after ``import ttpeft``; with ``output_dir``
     it is also saved there, with a ``compression_report.json``.
@@ -264,20 +269,43 @@ def compress_lora(adapter, output_dir: Union[str, Path, None] = None, *, tt_rank
         raise ValueError("give rel_error or param_budget, not both (a budget sets the error)")
     if rel_error is not None and not 0 <= rel_error:
         raise ValueError(f"rel_error={rel_error!r} is invalid; valid: a float >= 0")
+    if factors_per_side is not None and factors_per_side < 1:
+        raise ValueError(f"factors_per_side={factors_per_side!r} is invalid; valid: an int >= 1, or None (automatic)")
     lora_config, layers, extras = read_lora(adapter, adapter_name)
-    rule = TTLoraRule(tt_shape, factors_per_side)
-    shapes = {layer.module: _layer_shape(rule, layer, factors_per_side) for layer in layers}
     factors = {layer.module: (layer.lora_a.double().T, (layer.scaling / alpha) * layer.lora_b.double().T)
                for layer in layers}
 
-    def compress_all(error):
-        return {layer.module: low_rank_tt_svd(*factors[layer.module], *shapes[layer.module], max_rank=tt_rank,
-                                              rel_error=error) for layer in layers}
+    def candidate(count):
+        rule = TTLoraRule(tt_shape, count)
+        shapes = {layer.module: _layer_shape(rule, layer, count) for layer in layers}
 
-    if param_budget is not None:
-        trains, rel_error = _fit_budget(compress_all, param_budget, layers, shapes)
+        def compress_all(error):
+            return {layer.module: low_rank_tt_svd(*factors[layer.module], *shapes[layer.module], max_rank=tt_rank,
+                                                  rel_error=error) for layer in layers}
+
+        if param_budget is not None:
+            trains, error = _fit_budget(compress_all, param_budget, layers, shapes)
+        else:
+            trains, error = compress_all(rel_error), rel_error
+        return count, shapes, trains, error
+
+    tried = {}
+    if factors_per_side is not None or tt_shape is not None or (param_budget is None and rel_error is None):
+        count, shapes, trains, rel_error = candidate(factors_per_side or 3)
     else:
-        trains = compress_all(rel_error)
+        options = []
+        for count in AUTO_FACTORS_PER_SIDE:
+            try:
+                options.append(candidate(count))
+            except ValueError:  # a budget below this count's minimum
+                continue
+        if not options:
+            options.append(candidate(max(AUTO_FACTORS_PER_SIDE)))  # raises the smallest minimum's error
+        scores = {option[0]: _overall_error(option[2], factors, option[1]) if param_budget is not None
+                  else sum(train.num_params() for train in option[2].values()) for option in options}
+        tried = {f"{count}": score for count, score in scores.items()}
+        count, shapes, trains, rel_error = min(options, key=lambda option: (scores[option[0]], -option[0]))
+    factors_per_side = count
 
     dtype = next(iter(layers)).lora_a.dtype
     state, plan, rows = {}, {}, []
@@ -300,6 +328,7 @@ def compress_lora(adapter, output_dir: Union[str, Path, None] = None, *, tt_rank
     )
     report = _report(rows, extras, dtype, tt_rank=tt_rank, rel_error=rel_error, param_budget=param_budget,
                      alpha=alpha, factors_per_side=factors_per_side, tt_shape=tt_shape,
+                     factors_per_side_tried=tried or None,
                      source=str(adapter) if isinstance(adapter, (str, Path)) else type(adapter).__name__)
     result = CompressedAdapter(config, state, report)
     if output_dir is not None:
@@ -311,6 +340,19 @@ def _layer_shape(rule: TTLoraRule, layer: LoraLayer, factors_per_side: int):
     from .budget import LayerSpec
 
     return rule.shape(LayerSpec(layer.module, layer.in_features, layer.out_features))
+
+
+AUTO_FACTORS_PER_SIDE = (1, 2, 3, 4)
+
+
+def _overall_error(trains: dict, factors: dict, shapes: dict) -> float:
+    """Relative Frobenius error of all layers' updates together."""
+    squared_errors = squared_norms = 0.0
+    for module, train in trains.items():
+        row_factor, col_factor = thin_factors(train.cores, len(shapes[module][0]))
+        error, norm = low_rank_error(*factors[module], row_factor, col_factor)
+        squared_errors, squared_norms = squared_errors + error ** 2, squared_norms + norm ** 2
+    return math.sqrt(squared_errors / squared_norms) if squared_norms else 0.0
 
 
 def _fit_budget(compress_all, budget: int, layers, shapes):

@@ -39,7 +39,9 @@ def add_compress_parser(commands) -> argparse.ArgumentParser:
     how.add_argument("--param-budget", type=_positive_int, default=None, help="total TT parameters")
     parser.add_argument("--tt-shape", default=None, help="one TT shape 'in factors|out factors' for every layer "
                                                          "(default: balanced factors per layer)")
-    parser.add_argument("--factors-per-side", type=_positive_int, default=3, help="factors of in/out features")
+    parser.add_argument("--factors-per-side", type=_positive_int, default=None,
+                        help="factors of in/out features (default: with --param-budget the count with the lowest "
+                             "error, with --rel-error the one with the fewest parameters, otherwise 3)")
     parser.add_argument("--alpha", type=float, default=8.0, help="TT-LoRA alpha of the new adapter")
     tune = parser.add_argument_group("optional short fine-tune of the compressed adapter (the train path)")
     tune.add_argument("--finetune-steps", type=_positive_int, default=None, help="training steps")
