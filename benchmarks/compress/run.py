@@ -100,6 +100,7 @@ def main() -> None:
         results["tasks"][task] = entry
         results_file.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, results_file.with_suffix(".png"))
+    results_file.with_suffix(".md").write_text(table(results))
 
 
 SMOLLM2_CAPS = {"train_samples": 400, "eval_samples": 200, "epochs": 1.0, "batch_size": 8}
@@ -129,6 +130,22 @@ def smollm2_part(work: Path, args, compress_lora, finetune_adapter) -> dict:
                                "compressed_finetuned": tuned["metrics_after"]["accuracy"]})
         print("smollm2", part["points"][-1], flush=True)
     return part
+
+
+def table(results: dict) -> str:
+    """Markdown: per task, the source LoRA and, per ratio, compressed / + fine-tune / from scratch."""
+    lines = ["| task (metric) | LoRA r=8 source | ratio | TT params | rel. error | compressed | + fine-tune | "
+             "from scratch (TT params) | fine-tuned vs source |", "|---|---|---|---|---|---|---|---|---|"]
+    for task, entry in results["tasks"].items():
+        source = entry["lora"]["metric"]
+        head = entry["lora"]["trainable_params"] - entry["points"][0]["lora_params"]  # copied, not compressed
+        for point in sorted(entry["points"], key=lambda p: p["ratio"]):
+            lines.append(
+                f"| {task} ({entry['metric']}) | {100 * source:.1f} | {point['ratio']:.1f}x | {point['tt_params']:,} | "
+                f"{point['rel_error']:.2f} | {100 * point['compressed']:.1f} | "
+                f"{100 * point['compressed_finetuned']:.1f} | {100 * point['scratch']:.1f} "
+                f"({point['scratch_params'] - head:,}) | {100 * (point['compressed_finetuned'] - source):+.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def _write_budget(work: Path, params: int) -> Path:
