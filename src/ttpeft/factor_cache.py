@@ -177,10 +177,8 @@ def prepare_factors(layers: Iterable, adapter_names: Sequence[str] | None = None
         return 0  # layers build their factors inline in compiled graphs
     begin_forward()
     layers = list(layers)
-    if adapter_names is None:
-        refs = [ref for layer in layers for ref in layer.factor_refs_to_prepare()]
-    else:
-        refs = [ref for layer in layers for ref in layer.factor_refs_to_prepare(list(adapter_names))]
+    names = None if adapter_names is None else list(adapter_names)
+    refs = [ref for layer in layers for ref in layer.factor_refs_to_prepare(names)]
     evict_unused(layers, refs)
     return build_grouped(refs) if refs else 0
 
