@@ -74,6 +74,26 @@ def test_every_method_trains_only_its_parameters_and_reloads_identically(method_
     assert again == metrics
 
 
+@pytest.mark.parametrize("method_name", ["ttlora", "lora", "head"])
+def test_head_lr_sets_the_classification_heads_rate_alone(method_name, tokenizer, sst2, tmp_path):
+    task, method = get_task("sst2"), get_method(method_name)
+    moves = {}
+    for head_lr in (None, 1e-7):
+        model, _ = training.apply_method(tiny_bert(tokenizer), method, {}, training.ENCODER)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        training.train(model, tokenizer, task, sst2[0], training.ENCODER, _settings(lr=1e-2, head_lr=head_lr),
+                       str(tmp_path / f"work-{head_lr}"))
+        moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters() if n in before}
+        moves[head_lr] = ({n: d for n, d in moved.items() if training.is_head_parameter(n)},
+                          {n: d for n, d in moved.items() if not training.is_head_parameter(n)})
+    default_head, default_rest = moves[None]
+    slow_head, slow_rest = moves[1e-7]
+    assert default_head and max(default_head.values()) > 1e-3  # Adam moves by ~lr a step
+    assert max(slow_head.values()) < 1e-6
+    if method_name != "head":
+        assert default_rest and max(slow_rest.values()) > 1e-3  # the adapter keeps --lr
+
+
 def test_ttlora_options_reach_the_config():
     method = get_method("ttlora")
     fields = method_config_fields(method, {"tt_rank": 3, "tt_shape": [[8, 8], [8, 8]], "r": None},

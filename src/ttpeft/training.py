@@ -222,6 +222,7 @@ class TrainSettings:
     progress: bool = True
     logging_steps: Optional[int] = None
     precision: str = "fp32"  # autocast dtype; trainable weights stay fp32 either way
+    head_lr: Optional[float] = None  # learning rate of the classification head; None: ``lr``
 
 
 def train(model, tokenizer, task: TaskSpec, train_set, family: str, settings: TrainSettings, work_dir: str) -> dict:
@@ -255,7 +256,8 @@ def fit(model, tokenizer, task: TaskSpec, train_set, family: str, settings: Trai
         dataloader_num_workers=0, use_cpu=_cpu_only(),
         bf16=settings.precision == "bf16", fp16=settings.precision == "fp16",
     )
-    trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=collator)
+    trainer_class = _trainer_with_head_lr(Trainer, settings.head_lr) if settings.head_lr else Trainer
+    trainer = trainer_class(model=model, args=args, train_dataset=features, data_collator=collator)
     if family == ENCODER:
         # a classification loss is a mean over this process's examples and ignores num_items_in_batch; left
         # on, the Trainer would multiply it by the number of processes, scaling loss and gradients
@@ -272,6 +274,33 @@ def fit(model, tokenizer, task: TaskSpec, train_set, family: str, settings: Trai
                "processes": args.world_size, "global_batch_size": settings.batch_size * args.world_size,
                "precision": settings.precision, "distributed": _distributed_kind(trainer)}
     return summary, trainer
+
+
+def is_head_parameter(name: str) -> bool:
+    """A parameter of the classification head (``classifier`` / ``score``, peft's trainable copy included)."""
+    return any(part in HEAD_MODULES for part in name.split("."))
+
+
+def _trainer_with_head_lr(trainer_class, head_lr: float):
+    """The Trainer, its optimizer giving the head's parameters their own learning rate (the scheduler then
+    scales both rates alike)."""
+
+    class HeadLrTrainer(trainer_class):
+        def create_optimizer(self, model=None):
+            optimizer = super().create_optimizer(model)
+            names = {id(p): n for n, p in (model or self.model).named_parameters()}
+            groups = []
+            for group in optimizer.param_groups:
+                head = [p for p in group["params"] if is_head_parameter(names.get(id(p), ""))]
+                rest = [p for p in group["params"] if not is_head_parameter(names.get(id(p), ""))]
+                groups += [{**group, "params": params, **({"lr": head_lr} if params is head else {})}
+                           for params in (rest, head) if params]
+            optimizer.param_groups = []
+            for group in groups:
+                optimizer.add_param_group(group)
+            return optimizer
+
+    return HeadLrTrainer
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
