@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
@@ -12,7 +13,7 @@ from ttpeft import training
 from ttpeft.errors import InputError
 from ttpeft.methods import METHODS, build_peft_config, get_method, method_config_fields
 from ttpeft.models import minilm_path
-from ttpeft.tasks import get_task, load_task_data
+from ttpeft.tasks import get_task, load_task_data, user_task
 
 ENCODER_METHODS = [name for name in METHODS if name not in ("loretta_rep", "loretta_adp")] + [
     pytest.param(name, marks=pytest.mark.skipif(not hasattr(ttpeft, cls), reason=f"{cls} not in this version"))
@@ -92,6 +93,39 @@ def test_head_lr_sets_the_classification_heads_rate_alone(method_name, tokenizer
     assert max(slow_head.values()) < 1e-6
     if method_name != "head":
         assert default_rest and max(slow_rest.values()) > 1e-3  # the adapter keeps --lr
+
+
+def tiny_regressor(tokenizer):
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=1, problem_type="regression")
+    return BertForSequenceClassification(config)
+
+
+@pytest.mark.parametrize("method_name", ["ttlora", "lora", "head", "full"])
+def test_a_regression_head_starts_at_the_mean_training_label(method_name, tokenizer, tmp_path):
+    scores = tmp_path / "scores.csv"
+    labels = [0.0, 1.0, 3.5, 4.5, 5.0, 2.0, 2.5, 3.0]
+    pd.DataFrame({"a": [f"sentence {i}" for i in range(8)], "b": ["other"] * 8, "score": labels}).to_csv(scores)
+    data = user_task(str(scores), str(scores), ["a", "b"], "score", "pearson")
+    model, _ = training.apply_method(tiny_regressor(tokenizer), get_method(method_name), {}, training.ENCODER)
+    # a rate far too small to move the bias: what is left is where it started
+    summary = training.train(model, tokenizer, data.task, data.train, training.ENCODER,
+                             _settings(lr=1e-9, batch_size=4), str(tmp_path / "work"))
+    mean = sum(labels) / len(labels)
+    assert summary["head_bias_init"] == pytest.approx(mean)
+    biases = [p for n, p in model.named_parameters()
+              if p.requires_grad and n.endswith("bias") and training.is_head_parameter(n)]
+    assert biases and all(torch.allclose(b, torch.tensor([mean]), atol=1e-4) for b in biases)
+
+
+def test_a_classification_head_keeps_its_initial_bias(tokenizer, sst2, tmp_path):
+    model = tiny_bert(tokenizer)
+    before = model.classifier.bias.detach().clone()
+    summary = training.train(model, tokenizer, get_task("sst2"), sst2[0], training.ENCODER,
+                             _settings(lr=1e-9), str(tmp_path / "work"))
+    assert "head_bias_init" not in summary
+    assert torch.allclose(model.classifier.bias, before, atol=1e-6)
 
 
 def test_ttlora_options_reach_the_config():

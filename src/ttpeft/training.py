@@ -245,6 +245,7 @@ def fit(model, tokenizer, task: TaskSpec, train_set, family: str, settings: Trai
     processes = state.num_processes
     steps_per_epoch = math.ceil(len(features) / (settings.batch_size * processes))
     total_steps = max(1, math.ceil(steps_per_epoch * settings.epochs))
+    head_bias = start_regression_at_label_mean(model, features) if task.is_regression else None
     collator = (DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100) if family == CAUSAL_LM
                 else DataCollatorWithPadding(tokenizer))
     args = TrainingArguments(
@@ -273,7 +274,26 @@ def fit(model, tokenizer, task: TaskSpec, train_set, family: str, settings: Trai
                "train_runtime_s": float(output.metrics.get("train_runtime", 0.0)), "examples": len(features),
                "processes": args.world_size, "global_batch_size": settings.batch_size * args.world_size,
                "precision": settings.precision, "distributed": _distributed_kind(trainer)}
+    if head_bias is not None:
+        summary["head_bias_init"] = head_bias
     return summary, trainer
+
+
+def start_regression_at_label_mean(model, features) -> Optional[float]:
+    """Set the regression head's trainable output bias to the mean training label; returns it (None: no bias).
+
+    A fresh head predicts ~0 while e.g. STS-B scores average ~2.7: the first steps' large, coherent gradients
+    then go into the adapter, distorting the features to shift the output (TT-LoRA's products of cores
+    follow them fastest) rather than into the one bias that should carry it."""
+    biases = [p for n, p in model.named_parameters()
+              if p.requires_grad and is_head_parameter(n) and n.endswith("bias") and p.numel() == 1]
+    if not biases:
+        return None
+    mean = float(np.mean(features["labels"]))
+    with torch.no_grad():
+        for bias in biases:
+            bias.fill_(mean)
+    return mean
 
 
 def is_head_parameter(name: str) -> bool:
