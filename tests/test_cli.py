@@ -93,6 +93,7 @@ def test_main_job_small_train_then_eval_reproduces(tmp_path, capsys):
     assert saved["task"] == "glue/sst2" and saved["method"] == "ttlora" and saved["data"] == "embedded"
     assert saved["num_eval_examples"] == 64 and saved["num_train_examples"] == 64
     assert 0 < saved["trainable_params"] < saved["total_params"] / 100
+    assert saved["head_params"] == 384 * 2 + 2  # MiniLM's classifier, 2 labels; the rest is the adapter
     assert saved["adapter_bytes"] == (run / "adapter_model.safetensors").stat().st_size
     assert saved["command"].startswith("ttpeft train --max-train-samples 64")
     for key in ("wall_time_s", "memory", "versions", "seed", "method_config"):

@@ -40,6 +40,11 @@ METHODS = {
     "ttlora": ("ttlora", []),
     "loretta_rep": ("loretta_rep", []),
     "loretta_adp": ("loretta_adp", []),
+    # ~10.6x fewer adapter parameters than lora_r8 (73,728 on MiniLM): a 7,000-parameter budget, and for the
+    # LoRETTA methods no trained layer norms (MiniLM's 9,984 alone would break the ratio)
+    "ttlora_10x": ("ttlora", ["--param-budget", "7000"]),
+    "loretta_rep_10x": ("loretta_rep", ["--param-budget", "7000", "--train-layernorms", "false"]),
+    "loretta_adp_10x": ("loretta_adp", ["--param-budget", "7000", "--train-layernorms", "false"]),
     "vera": ("vera", []),
     "fourierft": ("fourierft", []),
     "vblora": ("vblora", []),
@@ -53,7 +58,8 @@ METHOD_ALIASES = {"lora": "lora_r8"}
 # Rough CPU seconds per training step (batch 32, MiniLM, 2 cores) and per-run fixed cost (imports,
 # model load, evaluation); only for --dry-run when the results file has no rows for the method yet.
 SECONDS_PER_STEP = {"head": 0.35, "full": 1.4, "lora_r8": 0.75, "lora_r1": 0.75, "ttlora": 0.85,
-                    "loretta_rep": 0.9, "loretta_adp": 0.9, "vera": 0.85, "fourierft": 1.0, "vblora": 0.9,
+                    "loretta_rep": 0.9, "loretta_adp": 0.9, "ttlora_10x": 0.85,
+                    "loretta_rep_10x": 0.9, "loretta_adp_10x": 0.9, "vera": 0.85, "fourierft": 1.0, "vblora": 0.9,
                     "tinylora": 0.85, "lokr": 0.85, "ia3": 0.7}
 SECONDS_PER_RUN = 12.0
 
@@ -205,6 +211,7 @@ def row_from_results(task, variant, config, seed, results, lr_choice=None) -> di
         "task": task, "variant": variant, "method": results["method"], "model": results["model"],
         "config": config, "method_config": results["method_config"], "seed": seed,
         "trainable_params": results["trainable_params"], "total_params": results["total_params"],
+        "head_params": results.get("head_params"),
         "adapter_bytes": results["adapter_bytes"], "metrics": results["metrics"],
         "headline_metric": results["headline_metric"], "lr": results["settings"]["lr"],
         "lr_selection": lr_choice, "steps": train["steps"], "train_runtime_s": train["train_runtime_s"],

@@ -303,6 +303,7 @@ def _train_and_write(args, argv: list[str], started: float, main_process: bool) 
         "model": source.name, "model_path": source.path, "model_gguf_file": source.gguf_file, "family": family,
         "method": method.name, "method_config": method_config,
         "trainable_params": trainable, "total_params": total,
+        "head_params": training.count_head_parameters(model),  # of the trainable ones
         "metrics": metrics, "headline_metric": task.metrics[0],
         "num_train_examples": len(train_set), "num_eval_examples": len(validation),
         "train": train_summary, "settings": identity["settings"],

@@ -174,6 +174,11 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
+def count_head_parameters(model) -> int:
+    """Trainable parameters of the classification head (part of ``count_parameters``' trainable count)."""
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and is_head_parameter(n))
+
+
 # ---------------------------------------------------------------------------------------------- data
 
 
