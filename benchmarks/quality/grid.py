@@ -51,7 +51,12 @@ METHODS = {
     "tinylora": ("tinylora", []),
     "lokr": ("lokr", []),
     "ia3": ("ia3", []),
+    "zero_shot": ("zero_shot", []),  # causal LMs: the prompt with no training (`ttpeft eval --model`)
 }
+ENCODER_ONLY = ("head", "full")
+CAUSAL_DEFAULT = ["zero_shot", "lora_r8", "ttlora", "loretta_rep", "loretta_adp"]  # the causal-LM grid  # a causal LM scores label words and has no classification head
+# The encoder module names in the variants' arguments, renamed for a causal LM (LLaMA family).
+CAUSAL_MODULE_NAMES = {"query,value": "q_proj,v_proj"}
 # Shorthand accepted by --methods: plain "lora" means r=8.
 METHOD_ALIASES = {"lora": "lora_r8"}
 
@@ -60,8 +65,10 @@ METHOD_ALIASES = {"lora": "lora_r8"}
 SECONDS_PER_STEP = {"head": 0.35, "full": 1.4, "lora_r8": 0.75, "lora_r1": 0.75, "ttlora": 0.85,
                     "loretta_rep": 0.9, "loretta_adp": 0.9, "ttlora_10x": 0.85,
                     "loretta_rep_10x": 0.9, "loretta_adp_10x": 0.9, "vera": 0.85, "fourierft": 1.0, "vblora": 0.9,
-                    "tinylora": 0.85, "lokr": 0.85, "ia3": 0.7}
+                    "tinylora": 0.85, "lokr": 0.85, "ia3": 0.7, "zero_shot": 0.0}
 SECONDS_PER_RUN = 12.0
+CAUSAL_SECONDS_PER_STEP = 7.0  # SmolLM2-135M, batch 8, 2 cores (any adapter; the base model dominates)
+CAUSAL_SECONDS_PER_RUN = 240.0  # loading and dequantising the GGUF, scoring every label word
 
 # Learning-rate grid as multiples of the method's own default (--lr-grid).
 LR_MULTIPLIERS = (0.5, 1.0, 2.0)
@@ -72,9 +79,10 @@ DEFAULT_LRS = {"head": 5e-3, "full": 5e-5, "lora": 2e-3, "ttlora": 5e-3, "lorett
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated method variants: "
-                        + ", ".join(METHODS) + " (lora = lora_r8)")
+    parser.add_argument("--tasks", default=None,
+                        help="comma-separated tasks (default: all of " + ", ".join(TASKS) + "; no stsb for causal LMs)")
+    parser.add_argument("--methods", default=None, help="comma-separated method variants: "
+                        + ", ".join(METHODS) + " (lora = lora_r8; default: every variant for the model's family)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--data-dir", default=str(REPO_ROOT.parent / "shared" / "data"),
@@ -97,9 +105,22 @@ def split_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def is_causal(model: str) -> bool:
+    sys.path.insert(0, str(REPO_ROOT / "src"))  # this checkout's ttpeft, as the runs use
+    from ttpeft.training import CAUSAL_LM, model_family, resolve_model
+
+    return model_family(resolve_model(model)) == CAUSAL_LM
+
+
+def method_args(variant: str, causal: bool) -> tuple[str, list[str]]:
+    """(ttpeft method, its `ttpeft train` arguments) for the model family."""
+    method, extra = METHODS[variant]
+    return method, [CAUSAL_MODULE_NAMES.get(a, a) for a in extra] if causal else list(extra)
+
+
 def run_config(variant: str, args, lr=None) -> dict:
     """Everything that makes two runs of a variant comparable; part of the resume key."""
-    method, extra = METHODS[variant]
+    method, extra = method_args(variant, args.causal)
     return {"method": method, "args": extra, "model": args.model, "data_dir": args.data_dir, "epochs": args.epochs,
             "batch_size": args.batch_size, "max_train_samples": args.max_train_samples,
             "max_eval_samples": args.max_eval_samples, "lr_grid": args.lr_grid if lr is None else False,
@@ -137,11 +158,16 @@ def planned_steps(task: str, args) -> int:
     return math.ceil(math.ceil(n / args.batch_size) * args.epochs)
 
 
-def seconds_per_step(variant: str, rows: list[dict]) -> float:
-    """Median measured rate from past rows of the variant, else the constant."""
+def seconds_per_step(variant: str, rows: list[dict], args) -> float:
+    """Median measured rate from past rows of the variant on this model, else the constant."""
     rates = [r["train_runtime_s"] / r["steps"] for r in rows
-             if r.get("variant") == variant and r.get("steps") and r.get("train_runtime_s")]
-    return statistics.median(rates) if rates else SECONDS_PER_STEP[variant]
+             if r.get("variant") == variant and r.get("model") == args.model and r.get("steps")
+             and r.get("train_runtime_s")]
+    if rates:
+        return statistics.median(rates)
+    if args.causal:
+        return CAUSAL_SECONDS_PER_STEP if variant != "zero_shot" else 0.0
+    return SECONDS_PER_STEP[variant]
 
 
 def run_dir_name(task: str, variant: str, key: str, seed: int, tag: str = "") -> str:
@@ -152,7 +178,9 @@ def run_dir_name(task: str, variant: str, key: str, seed: int, tag: str = "") ->
 def train_once(task: str, variant: str, seed: int, args, data_dir: str, output_dir: Path,
                lr=None, max_train_samples=None, max_eval_samples=None) -> dict:
     """One `ttpeft train` run in a subprocess (a crash or leak stays in it); returns its results.json."""
-    method, extra = METHODS[variant]
+    if variant == "zero_shot":
+        return zero_shot_once(task, args, data_dir, max_eval_samples)
+    method, extra = method_args(variant, args.causal)
     command = [sys.executable, "-m", "ttpeft", "train", "--model", args.model, "--task", task,
                "--method", method, *extra, "--seed", str(seed), "--epochs", str(args.epochs),
                "--batch-size", str(args.batch_size), "--data-dir", data_dir,
@@ -163,13 +191,37 @@ def train_once(task: str, variant: str, seed: int, args, data_dir: str, output_d
         command += ["--max-train-samples", str(max_train_samples)]
     if max_eval_samples:
         command += ["--max-eval-samples", str(max_eval_samples)]
+    run_ttpeft(command)
+    return json.loads((output_dir / "results.json").read_text())
+
+
+def run_ttpeft(command: list[str]) -> str:
+    """Run a ttpeft command from this checkout's sources; its stdout, or a RuntimeError with its output's tail."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT / "src"),
                                                                       os.environ.get("PYTHONPATH")])))
     completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     if completed.returncode != 0:
         tail = "\n".join((completed.stdout + completed.stderr).strip().splitlines()[-15:])
         raise RuntimeError(f"{' '.join(command)}\nexit {completed.returncode}\n{tail}")
-    return json.loads((output_dir / "results.json").read_text())
+    return completed.stdout
+
+
+def zero_shot_once(task: str, args, data_dir: str, max_eval_samples) -> dict:
+    """`ttpeft eval --model M --task T`: the causal LM's prompt accuracy with no training, as a results dict."""
+    started = time.time()
+    command = [sys.executable, "-m", "ttpeft", "eval", "--model", args.model, "--task", task, "--data-dir", data_dir,
+               "--no-progress"] + (["--max-eval-samples", str(max_eval_samples)] if max_eval_samples else [])
+    lines = run_ttpeft(command).splitlines()
+    # "ttpeft eval: <task> (<data>) · zero-shot prompt on <model> · N examples", then "  <metric> <value>" lines
+    examples = int(lines[0].rsplit("·", 1)[1].split()[0])
+    metrics = {name: float(value) for name, value in
+               (line.split() for line in lines[1:] if not line.strip().startswith("wall time"))}
+    return {"method": "zero_shot", "model": args.model, "method_config": {}, "trainable_params": 0,
+            "total_params": None, "head_params": 0, "adapter_bytes": 0, "metrics": metrics,
+            "headline_metric": next(iter(metrics)), "settings": {"lr": None},
+            "train": {"steps": 0, "train_runtime_s": 0.0}, "wall_time_s": round(time.time() - started, 1),
+            "num_train_examples": 0, "num_eval_examples": examples, "data": data_dir,
+            "command": " ".join(["ttpeft"] + command[3:])}
 
 
 def holdout_data_dir(task: str, seed: int, args) -> str:
@@ -223,12 +275,19 @@ def row_from_results(task, variant, config, seed, results, lr_choice=None) -> di
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    tasks = split_list(args.tasks)
-    variants = [METHOD_ALIASES.get(v, v) for v in split_list(args.methods)]
+    args.causal = is_causal(args.model)
+    # a causal LM scores label words after a prompt: no regression task
+    tasks = split_list(args.tasks) if args.tasks else [t for t in TASKS if not (args.causal and t == "stsb")]
+    default = CAUSAL_DEFAULT if args.causal else [v for v in METHODS if v != "zero_shot"]
+    variants = [METHOD_ALIASES.get(v, v) for v in split_list(args.methods)] if args.methods else default
     seeds = [int(s) for s in split_list(args.seeds)]
     unknown = [t for t in tasks if t not in TASKS] + [v for v in variants if v not in METHODS]
     if unknown:
         sys.exit(f"unknown task or method: {', '.join(unknown)}")
+    wrong_family = [v for v in variants if v in (ENCODER_ONLY if args.causal else ("zero_shot",))]
+    if wrong_family:
+        why = "they train a classification head" if args.causal else "it needs a causal LM"
+        sys.exit(f"{', '.join(wrong_family)}: not for {args.model} ({why})")
     if args.lr_grid and args.data_dir in ("embedded", "hub"):
         sys.exit("--lr-grid needs a parquet --data-dir to cut the held-out train slice from")
 
@@ -238,15 +297,16 @@ def main(argv=None) -> int:
 
     plan, skipped, total_s = [], 0, 0.0
     for task in tasks:
-        steps = planned_steps(task, args)
         for variant in variants:
+            steps = 0 if variant == "zero_shot" else planned_steps(task, args)
             config = run_config(variant, args)
             for seed in seeds:
                 if run_key(task, variant, config, seed) in done:
                     skipped += 1
                     continue
-                runs = len(LR_MULTIPLIERS) + 1 if args.lr_grid else 1
-                estimate = runs * (steps * seconds_per_step(variant, rows) + SECONDS_PER_RUN)
+                runs = len(LR_MULTIPLIERS) + 1 if args.lr_grid and variant != "zero_shot" else 1
+                per_run = CAUSAL_SECONDS_PER_RUN if args.causal else SECONDS_PER_RUN
+                estimate = runs * (steps * seconds_per_step(variant, rows, args) + per_run)
                 plan.append((task, variant, seed, config, steps, estimate))
                 total_s += estimate
 
@@ -263,7 +323,7 @@ def main(argv=None) -> int:
         print(f"[{i}/{len(plan)}] {task} {variant} seed {seed}", flush=True)
         try:
             lr, lr_choice = None, None
-            if args.lr_grid:
+            if args.lr_grid and variant != "zero_shot":
                 lr, scores = choose_lr(task, variant, seed, args)
                 lr_choice = {"chosen": lr, "held_out_scores": scores,
                              "held_out_samples": args.holdout_samples, "from": "train split"}

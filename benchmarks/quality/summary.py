@@ -18,8 +18,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # Table and legend order; variants not listed here follow in name order.
-VARIANT_ORDER = ["head", "full", "lora_r8", "lora_r1", "ttlora", "loretta_rep", "loretta_adp", "vera",
-                 "fourierft", "vblora", "tinylora", "lokr", "ia3"]
+VARIANT_ORDER = ["zero_shot", "head", "full", "lora_r8", "lora_r1", "ttlora", "loretta_rep", "loretta_adp", "ttlora_10x",
+                 "loretta_rep_10x", "loretta_adp_10x", "vera", "fourierft", "vblora", "tinylora", "lokr", "ia3"]
+REFERENCE = "lora_r8"  # the target compares each tensor-train variant with it
+OURS = ("ttlora", "loretta_rep", "loretta_adp", "ttlora_10x", "loretta_rep_10x", "loretta_adp_10x")
 MARKERS = "osD^v<>pP*XhH8d"
 
 
@@ -35,26 +37,35 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def head_params_by_task(rows: list[dict]) -> dict:
+    """The classifier head's size per task (the same for every variant; rows from before it was recorded
+    lack it)."""
+    return {row["task"]: row["head_params"] for row in rows if row.get("head_params") is not None}
+
+
 def aggregate(rows: list[dict]) -> dict:
     """(task, variant) -> headline metric values, params, lrs, steps. The last row of a seed wins."""
     by_seed = {}
     for row in rows:
         by_seed[(row["task"], row["variant"], row["seed"])] = row
+    heads = head_params_by_task(rows)
     cells = defaultdict(lambda: {"values": [], "params": [], "lrs": set(), "steps": [], "metric": None,
-                                 "adapter_bytes": []})
+                                 "adapter_bytes": [], "adapter_params": []})
     for (task, variant, _), row in by_seed.items():
         cell = cells[(task, variant)]
         metric = row["headline_metric"]
         cell["metric"] = metric
         cell["values"].append(100.0 * row["metrics"][metric])  # points, as papers report them
         cell["params"].append(row["trainable_params"])
+        if task in heads and row["variant"] != "head":
+            cell["adapter_params"].append(row["trainable_params"] - heads[task])
         cell["adapter_bytes"].append(row["adapter_bytes"])
         cell["lrs"].add(row["lr"])
         cell["steps"].append(row["steps"])
     return cells
 
 
-def write_markdown(cells: dict, rows: list[dict], out: Path, source: Path) -> None:
+def write_markdown(cells: dict, rows: list[dict], out: Path, source: Path, has_average: bool = False) -> None:
     tasks = sorted({task for task, _ in cells})
     variants = sorted({variant for _, variant in cells}, key=variant_rank)
     caps = sorted({json.dumps({k: r["config"][k] for k in ("max_train_samples", "max_eval_samples", "epochs")},
@@ -63,13 +74,15 @@ def write_markdown(cells: dict, rows: list[dict], out: Path, source: Path) -> No
              f"From `{source.name}` ({len(rows)} runs). Metric: the task's headline metric ×100, "
              "mean ± std over seeds (n = seeds). Trainable parameters include the classifier head.", "",
              "Caps and epochs of these runs: " + "; ".join(f"`{c}`" for c in caps), ""]
-    header = "| method | trainable params | adapter bytes | lr | " + " | ".join(tasks) + " | average |"
-    lines += [header, "|" + "---|" * (5 + len(tasks))]
+    header = ("| method | trainable params | adapter params (no head) | adapter bytes | lr | " + " | ".join(tasks)
+              + " | average |")
+    lines += [header, "|" + "---|" * (6 + len(tasks))]
+    averages, adapter_sizes = {}, {}
     for variant in variants:
         present = [cells[(t, variant)] for t in tasks if (t, variant) in cells]
         params = sorted({p for c in present for p in c["params"]})
         sizes = sorted({b for c in present for b in c["adapter_bytes"]})
-        lrs = sorted({lr for c in present for lr in c["lrs"]})
+        lrs = sorted({lr for c in present for lr in c["lrs"] if lr is not None})
         entries, means = [], []
         for task in tasks:
             cell = cells.get((task, variant))
@@ -79,33 +92,85 @@ def write_markdown(cells: dict, rows: list[dict], out: Path, source: Path) -> No
             mean, std = mean_std(cell["values"])
             means.append(mean)
             entries.append(f"{mean:.1f} ± {std:.1f} (n={len(cell['values'])})")
-        average = f"{statistics.fmean(means):.1f}" if len(means) == len(tasks) else "– (missing tasks)"
+        adapter = sorted({p for c in present for p in c["adapter_params"]})
+        if adapter:
+            adapter_sizes[variant] = max(adapter)
+        if len(means) == len(tasks):
+            averages[variant] = statistics.fmean(means)
+        average = f"{averages[variant]:.1f}" if variant in averages else "– (missing tasks)"
         lines.append(f"| {variant} | {'/'.join(f'{p:,}' for p in params)} | "
-                     f"{'/'.join(f'{b:,}' for b in sizes)} | {'/'.join(f'{lr:g}' for lr in lrs)} | "
+                     f"{'/'.join(f'{p:,}' for p in adapter) or '–'} | "
+                     f"{'/'.join(f'{b:,}' for b in sizes)} | {'/'.join(f'{lr:g}' for lr in lrs) or '–'} | "
                      + " | ".join(entries) + f" | {average} |")
+    lines += target_lines(averages, adapter_sizes)
     metrics = {task: next(c["metric"] for (t, _), c in cells.items() if t == task) for task in tasks}
     lines += ["", "Metrics: " + ", ".join(f"{t}: {m}" for t, m in metrics.items()),
               "Trainable parameters differ per task only through the classifier head (number of labels).", ""]
+    lines += ["![average](average.png)"] if has_average else []
     lines += [f"![{task}]({task.replace('/', '_')}.png)" for task in tasks]
     out.write_text("\n".join(lines) + "\n")
 
 
+def target_lines(averages: dict, adapter_sizes: dict) -> list[str]:
+    """The issue's target: average within 1.0 point of LoRA r=8 with at least 10x fewer adapter parameters."""
+    if REFERENCE not in averages or REFERENCE not in adapter_sizes:
+        return []
+    lines = ["", f"Against {REFERENCE} (average {averages[REFERENCE]:.1f}, {adapter_sizes[REFERENCE]:,} adapter "
+             "parameters; target: within 1.0 point with at least 10x fewer):", "",
+             "| method | average − lora_r8 | fewer adapter parameters | target met |", "|---|---|---|---|"]
+    for variant in sorted(averages, key=variant_rank):
+        if variant == REFERENCE or variant not in adapter_sizes or adapter_sizes[variant] == 0:
+            continue
+        gap = averages[variant] - averages[REFERENCE]
+        ratio = adapter_sizes[REFERENCE] / adapter_sizes[variant]
+        met = "yes" if gap >= -1.0 and ratio >= 10 else "no"
+        name = f"**{variant}**" if variant in OURS else variant
+        lines.append(f"| {name} | {gap:+.1f} | {ratio:.1f}x | {met} |")
+    return lines
+
+
 def plot_task(task: str, cells: dict, out: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
     variants = sorted({v for t, v in cells if t == task}, key=variant_rank)
-    metric = None
-    for i, variant in enumerate(variants):
+    points = {}
+    for variant in variants:
         cell = cells[(task, variant)]
-        metric = cell["metric"]
-        mean, std = mean_std(cell["values"])
-        params = statistics.fmean(cell["params"])
+        points[variant] = (statistics.fmean(cell["params"]), *mean_std(cell["values"]))
+    metric = cells[(task, variants[0])]["metric"]
+    plot_points(points, "trainable parameters (log scale)", f"{metric} ×100",
+                f"{task}: metric vs trainable parameters", out)
+
+
+def plot_average(cells: dict, out: Path) -> bool:
+    """Average over tasks against adapter parameters (head excluded), for variants run on every task."""
+    tasks = sorted({t for t, _ in cells})
+    points = {}
+    for variant in sorted({v for _, v in cells}, key=variant_rank):
+        present = [cells.get((t, variant)) for t in tasks]
+        if variant == "head" or any(c is None or not c["adapter_params"] for c in present):
+            continue
+        means = [mean_std(c["values"])[0] for c in present]
+        points[variant] = (max(p for c in present for p in c["adapter_params"]), statistics.fmean(means), 0.0)
+    if len(points) < 2:
+        return False
+    plot_points(points, "adapter parameters, head excluded (log scale)", "average metric ×100",
+                f"average over {', '.join(tasks)}", out)
+    return True
+
+
+def plot_points(points: dict, xlabel: str, ylabel: str, title: str, out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for variant, (params, mean, std) in points.items():
+        i = variant_rank(variant)[0]
+        if params <= 0:  # nothing trained (zero-shot): a level, not a point on the log axis
+            ax.axhline(mean, linestyle="--", color="grey", label=f"{variant} (no training)")
+            continue
         ax.errorbar([params], [mean], yerr=[std], marker=MARKERS[i % len(MARKERS)], markersize=8,
                     linestyle="none", capsize=3, label=variant,
                     color=plt.cm.tab20(i % 20))  # default cycle repeats after ten methods
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel(f"{metric} ×100")
-    ax.set_title(f"{task}: metric vs trainable parameters")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -125,9 +190,10 @@ def main(argv=None) -> int:
     if not rows:
         raise SystemExit(f"no runs in {source}")
     cells = aggregate(rows)
-    write_markdown(cells, rows, out_dir / "summary.md", source)
     for task in sorted({t for t, _ in cells}):
         plot_task(task, cells, out_dir / f"{task.replace('/', '_')}.png")
+    has_average = plot_average(cells, out_dir / "average.png")
+    write_markdown(cells, rows, out_dir / "summary.md", source, has_average)
     print(f"wrote {out_dir / 'summary.md'} and {len({t for t, _ in cells})} plot(s)")
     return 0
 
