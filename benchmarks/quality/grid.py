@@ -73,7 +73,7 @@ CAUSAL_SECONDS_PER_RUN = 240.0  # loading and dequantising the GGUF, scoring eve
 # Learning-rate grid as multiples of the method's own default (--lr-grid).
 LR_MULTIPLIERS = (0.5, 1.0, 2.0)
 DEFAULT_LRS = {"head": 5e-3, "full": 5e-5, "lora": 2e-3, "ttlora": 5e-3, "loretta_rep": 5e-3,
-               "loretta_adp": 2e-3, "vera": 1e-2, "fourierft": 5e-2, "vblora": 5e-3, "tinylora": 1e-2,
+               "loretta_adp": 5e-3, "vera": 1e-2, "fourierft": 5e-2, "vblora": 5e-3, "tinylora": 1e-2,
                "lokr": 1e-3, "ia3": 5e-3}
 
 

@@ -26,7 +26,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("loretta_rep", "LoRETTA_rep: LoRA whose two factors are tensor trains",
            ("ttpeft", "LorettaRepConfig"), 5e-3, "dropout"),
     Method("loretta_adp", "LoRETTA_adp: bottleneck adapters with tensor-train projections",
-           ("ttpeft", "LorettaAdpConfig"), 2e-3, "dropout"),
+           ("ttpeft", "LorettaAdpConfig"), 5e-3, "dropout"),
     Method("lora", "LoRA (peft)", ("peft", "LoraConfig"), 2e-3, "lora_dropout"),
     Method("vera", "VeRA (peft)", ("peft", "VeraConfig"), 1e-2, "vera_dropout"),
     Method("fourierft", "FourierFT (peft)", ("peft", "FourierFTConfig"), 5e-2),
