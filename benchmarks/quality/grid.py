@@ -53,8 +53,8 @@ METHODS = {
     "ia3": ("ia3", []),
     "zero_shot": ("zero_shot", []),  # causal LMs: the prompt with no training (`ttpeft eval --model`)
 }
-ENCODER_ONLY = ("head", "full")
-CAUSAL_DEFAULT = ["zero_shot", "lora_r8", "ttlora", "loretta_rep", "loretta_adp"]  # the causal-LM grid  # a causal LM scores label words and has no classification head
+ENCODER_ONLY = ("head", "full")  # a causal LM scores label words and has no classification head
+CAUSAL_DEFAULT = ["zero_shot", "lora_r8", "ttlora", "loretta_rep", "loretta_adp"]  # the causal-LM grid
 # The encoder module names in the variants' arguments, renamed for a causal LM (LLaMA family).
 CAUSAL_MODULE_NAMES = {"query,value": "q_proj,v_proj"}
 # Shorthand accepted by --methods: plain "lora" means r=8.

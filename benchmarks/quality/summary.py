@@ -146,7 +146,7 @@ def plot_average(cells: dict, out: Path) -> bool:
     points = {}
     for variant in sorted({v for _, v in cells}, key=variant_rank):
         present = [cells.get((t, variant)) for t in tasks]
-        if variant == "head" or any(c is None or not c["adapter_params"] for c in present):
+        if any(c is None or not c["adapter_params"] for c in present):  # head-only runs have none
             continue
         means = [mean_std(c["values"])[0] for c in present]
         points[variant] = (max(p for c in present for p in c["adapter_params"]), statistics.fmean(means), 0.0)

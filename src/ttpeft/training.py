@@ -316,10 +316,13 @@ def _trainer_with_head_lr(trainer_class, head_lr: float):
             names = {id(p): n for n, p in (model or self.model).named_parameters()}
             groups = []
             for group in optimizer.param_groups:
-                head = [p for p in group["params"] if is_head_parameter(names.get(id(p), ""))]
-                rest = [p for p in group["params"] if not is_head_parameter(names.get(id(p), ""))]
-                groups += [{**group, "params": params, **({"lr": head_lr} if params is head else {})}
-                           for params in (rest, head) if params]
+                head, rest = [], []
+                for p in group["params"]:
+                    (head if is_head_parameter(names.get(id(p), "")) else rest).append(p)
+                if rest:
+                    groups.append({**group, "params": rest})
+                if head:
+                    groups.append({**group, "params": head, "lr": head_lr})
             optimizer.param_groups = []
             for group in groups:
                 optimizer.add_param_group(group)
