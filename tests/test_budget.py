@@ -127,6 +127,16 @@ def test_every_tt_method_fits_its_budget_and_reloads_with_the_same_shapes(tmp_pa
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
+@pytest.mark.parametrize("factors_per_side", [1, 2, 3])
+def test_a_budget_plan_splits_each_side_into_the_configured_number_of_factors(factors_per_side):
+    config = TTLoraConfig(target_modules=["query", "value"], param_budget=3000, factors_per_side=factors_per_side)
+    model = get_peft_model(tiny_bert(), config)
+    plan = model.peft_config["default"].layer_plan
+    assert plan and all(len(entry["tt_shape"][0]) == len(entry["tt_shape"][1]) == factors_per_side
+                        for entry in plan.values())
+    assert adapter_params(model, "ttlora_") <= 3000
+
+
 def test_layer_plan_without_an_entry_for_a_target_is_a_clear_error():
     config = TTLoraConfig(target_modules=["query"], layer_plan={"elsewhere": {"tt_rank": [2, 2, 2, 2, 2]}})
     with pytest.raises(ValueError, match="layer_plan has no entry for target"):

@@ -65,9 +65,10 @@ def test_method_options_parse_into_config_fields(tmp_path):
     config_file = tmp_path / "ttlora.yaml"
     config_file.write_text("tt_rank: 4\nalpha: 16\n")
     args = build_parser().parse_args(["train", "--tt-shape", "8,8,6|6,8,8", "--tt-rank", "3,4,5,4,3",
-                                      "--method-config", str(config_file)])
+                                      "--factors-per-side", "2", "--method-config", str(config_file)])
     fields = method_config_fields(get_method(args.method), vars(args), read_config_file(args.method_config))
-    assert fields == {"tt_shape": [[8, 8, 6], [6, 8, 8]], "tt_rank": [3, 4, 5, 4, 3], "alpha": 16}
+    assert fields == {"tt_shape": [[8, 8, 6], [6, 8, 8]], "tt_rank": [3, 4, 5, 4, 3], "factors_per_side": 2,
+                      "alpha": 16}
 
 
 def test_unknown_option_from_the_console_is_one_line(tmp_path):

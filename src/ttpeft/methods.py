@@ -85,6 +85,9 @@ METHOD_OPTIONS: tuple[MethodOption, ...] = (
     MethodOption("--tt-rank", _int_list, "TT rank, or one rank per bond (5,6,5)", {"ttlora": "tt_rank"}),
     MethodOption("--tt-shape", _tt_shape, "TT shape 'in factors|out factors', e.g. 8,8,6|6,8,8",
                  {"ttlora": "tt_shape"}),
+    MethodOption("--factors-per-side", int, "factors each of in/out features is split into when the TT shape "
+                 "is derived (fewer factors: fewer cores, which train faster at a small budget)",
+                 {"ttlora": "factors_per_side"}),
     MethodOption("--alpha", float, "scale of the update", {"ttlora": "alpha", "lokr": "alpha"}),
     MethodOption("--r", int, "rank", {n: "r" for n in ("lora", "loretta_rep", "vera", "vblora", "tinylora", "lokr")}),
     MethodOption("--lora-alpha", float, "LoRA scale numerator (scale = lora_alpha / r)",
