@@ -73,9 +73,6 @@ CAUSAL_SECONDS_PER_RUN = 240.0  # loading and dequantising the GGUF, scoring eve
 
 # Learning-rate grid as multiples of the method's own default (--lr-grid).
 LR_MULTIPLIERS = (0.5, 1.0, 2.0)
-DEFAULT_LRS = {"head": 5e-3, "full": 5e-5, "lora": 2e-3, "ttlora": 5e-3, "loretta_rep": 5e-3,
-               "loretta_adp": 5e-3, "vera": 1e-2, "fourierft": 5e-2, "vblora": 5e-3, "tinylora": 1e-2,
-               "lokr": 1e-3, "ia3": 5e-3}
 
 
 def parse_args(argv=None):
@@ -106,11 +103,25 @@ def split_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def use_checkout_sources() -> None:
+    """Import this checkout's ttpeft, the one the runs use."""
+    if str(REPO_ROOT / "src") not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT / "src"))
+
+
 def is_causal(model: str) -> bool:
-    sys.path.insert(0, str(REPO_ROOT / "src"))  # this checkout's ttpeft, as the runs use
+    use_checkout_sources()
     from ttpeft.training import CAUSAL_LM, model_family, resolve_model
 
     return model_family(resolve_model(model)) == CAUSAL_LM
+
+
+def default_lr(method: str) -> float:
+    """The CLI's default learning rate for the method (what a run without --lr uses)."""
+    use_checkout_sources()
+    from ttpeft.methods import get_method
+
+    return get_method(method).default_lr
 
 
 def method_args(variant: str, causal: bool) -> tuple[str, list[str]]:
@@ -244,7 +255,7 @@ def holdout_data_dir(task: str, seed: int, args) -> str:
 
 def choose_lr(task: str, variant: str, seed: int, args) -> tuple[float, dict]:
     method = METHODS[variant][0]
-    candidates = [DEFAULT_LRS[method] * m for m in LR_MULTIPLIERS]
+    candidates = [default_lr(method) * m for m in LR_MULTIPLIERS]
     data_dir = holdout_data_dir(task, seed, args)
     scores = {}
     for lr in candidates:
