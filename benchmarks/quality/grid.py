@@ -49,6 +49,10 @@ METHODS = {
     "vera": ("vera", []),
     "fourierft": ("fourierft", []),
     "vblora": ("vblora", []),
+    # The same ~7,000-parameter budget for the baselines whose default size is larger (MiniLM, query/value):
+    # 12 layers x 576 coefficients; a bank of 16 vectors of 128 plus 12 x 384 logits.
+    "fourierft_10x": ("fourierft", ["--n-frequency", "576"]),
+    "vblora_10x": ("vblora", ["--num-vectors", "16", "--vector-length", "128"]),
     "tinylora": ("tinylora", []),
     "lokr": ("lokr", []),
     "ia3": ("ia3", []),
@@ -66,6 +70,7 @@ METHOD_ALIASES = {"lora": "lora_r8"}
 SECONDS_PER_STEP = {"head": 0.35, "full": 1.4, "lora_r8": 0.75, "lora_r1": 0.75, "ttlora": 0.85,
                     "loretta_rep": 0.9, "loretta_adp": 0.9, "ttlora_10x": 0.85,
                     "loretta_rep_10x": 0.9, "loretta_adp_10x": 0.9, "vera": 0.85, "fourierft": 1.0, "vblora": 0.9,
+                    "fourierft_10x": 1.0, "vblora_10x": 0.9,
                     "tinylora": 0.85, "lokr": 0.85, "ia3": 0.7, "zero_shot": 0.0}
 SECONDS_PER_RUN = 12.0
 CAUSAL_SECONDS_PER_STEP = 7.0  # SmolLM2-135M, batch 8, 2 cores (any adapter; the base model dominates)

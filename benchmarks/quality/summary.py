@@ -11,15 +11,11 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-
 HERE = Path(__file__).resolve().parent
 # Table and legend order; variants not listed here follow in name order.
 VARIANT_ORDER = ["zero_shot", "head", "full", "lora_r8", "lora_r1", "ttlora", "loretta_rep", "loretta_adp", "ttlora_10x",
-                 "loretta_rep_10x", "loretta_adp_10x", "vera", "fourierft", "vblora", "tinylora", "lokr", "ia3"]
+                 "loretta_rep_10x", "loretta_adp_10x", "vera", "fourierft", "fourierft_10x", "vblora", "vblora_10x",
+                 "tinylora", "lokr", "ia3"]
 REFERENCE = "lora_r8"  # the target compares each tensor-train variant with it
 OURS = ("ttlora", "loretta_rep", "loretta_adp", "ttlora_10x", "loretta_rep_10x", "loretta_adp_10x")
 MARKERS = "osD^v<>pP*XhH8d"
@@ -158,6 +154,11 @@ def plot_average(cells: dict, out: Path) -> bool:
 
 
 def plot_points(points: dict, xlabel: str, ylabel: str, title: str, out: Path) -> None:
+    import matplotlib  # only the plots need it (the `bench` extra)
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for variant, (params, mean, std) in points.items():
         i = variant_rank(variant)[0]

@@ -1,0 +1,102 @@
+"""The accuracy-per-parameter benchmark's scripts: variant arguments, resuming, and the summary's arithmetic."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from ttpeft.cli import build_parser
+
+QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"quality_{name}", QUALITY / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+grid = load_script("grid")
+summary = load_script("summary")
+
+
+@pytest.mark.parametrize("variant", [v for v in grid.METHODS if v != "zero_shot"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_variant_is_a_valid_train_command(variant, causal):
+    if causal and variant in grid.ENCODER_ONLY:
+        pytest.skip("encoder-only variant")
+    method, extra = grid.method_args(variant, causal)
+    args = build_parser().parse_args(["train", "--method", method, *extra])
+    assert args.method == method
+
+
+def test_causal_variants_rename_encoder_modules():
+    _, extra = grid.method_args("lora_r8", causal=True)
+    assert extra[extra.index("--target-modules") + 1] == "q_proj,v_proj"
+
+
+def grid_argv(tmp_path: Path, *more: str) -> list[str]:
+    # a data folder without parquet files: step counts come from the known split sizes
+    return ["--tasks", "cb,stsb", "--methods", "lora_r8,ttlora_10x", "--seeds", "0,1",
+            "--data-dir", str(tmp_path / "no-data"), "--max-train-samples", "100", "--epochs", "1",
+            "--batch-size", "10", "--results", str(tmp_path / "results.jsonl"), *more]
+
+
+def finished_row(tmp_path: Path, task: str, variant: str, seed: int, **changed) -> dict:
+    args = grid.parse_args(grid_argv(tmp_path))
+    args.causal = False
+    for name, value in changed.items():
+        setattr(args, name, value)
+    return {"task": task, "variant": variant, "config": grid.run_config(variant, args), "seed": seed,
+            "model": "minilm", "steps": 10, "train_runtime_s": 5.0}
+
+
+def test_dry_run_skips_finished_runs(tmp_path, capsys):
+    rows = [finished_row(tmp_path, "cb", "lora_r8", 0),
+            finished_row(tmp_path, "stsb", "ttlora_10x", 1),
+            finished_row(tmp_path, "cb", "ttlora_10x", 0, epochs=2.0)]  # another config: not the same run
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    assert grid.main(grid_argv(tmp_path, "--dry-run")) == 0
+    out = capsys.readouterr().out
+    assert "6 runs to do, 2 already in" in out
+    assert "cb     lora_r8      seed 1" in out
+    assert "cb     lora_r8      seed 0" not in out
+    assert "cb     ttlora_10x   seed 0" in out
+    assert "stsb   ttlora_10x   seed 1" not in out
+    assert "    10 steps" in out  # 100 samples at batch 10, 1 epoch
+
+
+def test_dry_run_refuses_unknown_variants(tmp_path):
+    with pytest.raises(SystemExit, match="unknown task or method: lora_r3"):
+        grid.main(grid_argv(tmp_path, "--dry-run", "--methods", "lora_r3"))
+
+
+def summary_row(variant: str, task: str, seed: int, value: float, params: int, head: int = 5) -> dict:
+    return {"task": task, "variant": variant, "seed": seed, "headline_metric": "accuracy",
+            "metrics": {"accuracy": value}, "trainable_params": params + head, "head_params": head,
+            "adapter_bytes": 4 * params, "lr": 1e-3, "steps": 10,
+            "config": {"max_train_samples": 100, "max_eval_samples": None, "epochs": 1.0}}
+
+
+def test_summary_means_over_seeds_and_last_row_of_a_seed_wins():
+    rows = [summary_row("lora_r8", "cb", 0, 0.50, 1000),
+            summary_row("lora_r8", "cb", 0, 0.60, 1000),  # a rerun of seed 0 replaces the first
+            summary_row("lora_r8", "cb", 1, 0.80, 1000)]
+    cell = summary.aggregate(rows)[("cb", "lora_r8")]
+    assert sorted(cell["values"]) == pytest.approx([60.0, 80.0])
+    mean, std = summary.mean_std(cell["values"])
+    assert mean == pytest.approx(70.0) and std == pytest.approx(14.142, abs=1e-3)
+    assert cell["adapter_params"] == [1000, 1000]
+
+
+def test_target_needs_both_the_gap_and_the_ratio():
+    averages = {"lora_r8": 70.0, "ttlora_10x": 69.2, "loretta_rep_10x": 68.5, "lora_r1": 69.9}
+    sizes = {"lora_r8": 10000, "ttlora_10x": 900, "loretta_rep_10x": 900, "lora_r1": 2000}
+    verdicts = {line.split("|")[1].strip().strip("*"): line.split("|")[4].strip()
+                for line in summary.target_lines(averages, sizes) if line.startswith("| ") and "x |" in line}
+    assert verdicts == {"ttlora_10x": "yes", "loretta_rep_10x": "no", "lora_r1": "no"}
