@@ -137,6 +137,27 @@ def test_a_budget_plan_splits_each_side_into_the_configured_number_of_factors(fa
     assert adapter_params(model, "ttlora_") <= 3000
 
 
+@pytest.mark.parametrize("make_config, prefix, fields", [
+    (lambda cores: LorettaRepConfig(param_budget=2500, r=4, tensor_cores=cores), "loretta_rep_",
+     ("a_tensor_shape", "b_tensor_shape")),
+    (lambda cores: LorettaAdpConfig(param_budget=4000, bottleneck_size=8, tensor_cores=cores), "loretta_adp_",
+     ("down_tensor_shape", "up_tensor_shape")),
+])
+@pytest.mark.parametrize("cores", [2, 3])
+def test_a_loretta_budget_plan_uses_the_configured_number_of_cores(make_config, prefix, fields, cores):
+    config = make_config(cores)
+    model = get_peft_model(tiny_bert(), config)
+    plan = model.peft_config["default"].layer_plan
+    assert plan and all(len(entry[field]) == cores for entry in plan.values() for field in fields)
+    assert adapter_params(model, prefix) <= config.param_budget
+    trains = {}  # every train's cores are parameters named <train>.<core index>
+    for name, _ in model.named_parameters():
+        train, _, index = name.rpartition(".")
+        if prefix in name and index.isdigit():
+            trains[train] = trains.get(train, 0) + 1
+    assert trains and set(trains.values()) == {cores}
+
+
 def test_layer_plan_without_an_entry_for_a_target_is_a_clear_error():
     config = TTLoraConfig(target_modules=["query"], layer_plan={"elsewhere": {"tt_rank": [2, 2, 2, 2, 2]}})
     with pytest.raises(ValueError, match="layer_plan has no entry for target"):

@@ -71,6 +71,14 @@ def test_method_options_parse_into_config_fields(tmp_path):
                       "alpha": 16}
 
 
+def test_tensor_cores_option_sets_the_loretta_field():
+    from ttpeft.methods import get_method, method_config_fields
+
+    for method in ("loretta_rep", "loretta_adp"):
+        args = build_parser().parse_args(["train", "--method", method, "--tensor-cores", "2"])
+        assert method_config_fields(get_method(method), vars(args), {}) == {"tensor_cores": 2}
+
+
 def test_unknown_option_from_the_console_is_one_line(tmp_path):
     result = _run_cli("train", "--epochz", "3", cwd=tmp_path)
     assert result.returncode == 2

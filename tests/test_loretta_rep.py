@@ -164,6 +164,8 @@ def test_bfloat16_base_follows_the_base_dtype():
     ({"init": "lora"}, ["init='lora'", "'zero'", "'reference'"]),
     ({"dropout": 1.5}, ["dropout=1.5", "[0, 1)"]),
     ({"a_tensor_shape": [8, "x"]}, ["a_tensor_shape", "positive ints"]),
+    ({"tensor_cores": 0}, ["tensor_cores=0", "int >= 1"]),
+    ({"tensor_cores": "2"}, ["tensor_cores='2'", "int >= 1"]),
 ])
 def test_bad_config_values_raise_clear_errors(kwargs, words):
     with pytest.raises(ValueError) as err:

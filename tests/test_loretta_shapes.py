@@ -11,6 +11,7 @@ from ttpeft.loretta_shapes import (
     row_split,
     side_factors,
 )
+from ttpeft.shapes import prime_factors
 from ttpeft.tensor_train import tt_num_params
 from ttpeft.tuners.loretta_common import tt_weight, tt_weight_factors
 
@@ -48,6 +49,27 @@ def test_any_width_is_factorised_exactly(width, bottleneck):
         assert all(n >= 1 for n in shape)
         if width not in (5120, 8192):  # published shapes may straddle the row/column boundary
             assert row_split(shape, rows) is not None
+
+
+@pytest.mark.parametrize("width, bottleneck", [(384, 8), (576, 8), (768, 8), (4096, 64), (97, 8)])
+@pytest.mark.parametrize("cores", [1, 2, 3])
+def test_a_core_count_overrides_the_published_shape_and_mirrors_for_the_second_factor(width, bottleneck, cores):
+    first = factor_shape(width, bottleneck, width_first=True, cores=cores)
+    second = factor_shape(width, bottleneck, width_first=False, cores=cores)
+    assert math.prod(first) == width * bottleneck and second == tuple(reversed(first))
+    assert len(first) == min(cores, len(prime_factors(width * bottleneck)))
+    assert list(first) == sorted(first, reverse=True)
+
+
+def test_two_cores_are_the_most_balanced_split():
+    assert factor_shape(384, 8, cores=2) == (64, 48)  # not (8, 8, 6, 8), the automatic 4-core shape
+    assert factor_shape(768, 8, cores=2) == (96, 64)  # not the published (8, 8, 12, 8)
+
+
+@pytest.mark.parametrize("cores", [0, -1, 1.5, True, "2"])
+def test_an_invalid_core_count_is_an_error(cores):
+    with pytest.raises(ValueError, match="tensor_cores=.*valid: None or an int >= 1"):
+        factor_shape(384, 8, cores=cores)
 
 
 def test_auto_shapes_put_large_factors_at_the_ends():

@@ -121,9 +121,11 @@ class LorettaRule:
     """LoRETTA_rep (A: ``in x r``, B: ``r x out``) or LoRETTA_adp (down: ``h x m``, up: ``m x h``, plus
     biases): one tensor rank per layer, as the layers take it."""
 
-    def __init__(self, method: str, bottleneck: int, first_shape=None, second_shape=None, bias_params: int = 0):
+    def __init__(self, method: str, bottleneck: int, first_shape=None, second_shape=None, bias_params: int = 0,
+                 cores=None):
         self.method = method
         self.bottleneck = bottleneck
+        self.cores = cores
         self.first_shape, self.second_shape = first_shape, second_shape
         self.bias_params = bias_params  # per layer, on top of width-dependent biases (a learned scale)
         self.names = PLAN_FIELDS[method][1:]
@@ -135,8 +137,10 @@ class LorettaRule:
 
     def shapes(self, layer: LayerSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
         first_width, second_width = self._widths(layer)
-        first = tuple(self.first_shape or factor_shape(first_width, self.bottleneck, width_first=True))
-        second = tuple(self.second_shape or factor_shape(second_width, self.bottleneck, width_first=False))
+        first = tuple(self.first_shape or factor_shape(first_width, self.bottleneck, width_first=True,
+                                                       cores=self.cores))
+        second = tuple(self.second_shape or factor_shape(second_width, self.bottleneck, width_first=False,
+                                                         cores=self.cores))
         return first, second
 
     def max_level(self, layer: LayerSpec) -> int:
@@ -163,10 +167,11 @@ def rule_for_config(config, method: str):
     if method == "ttlora":
         return TTLoraRule(config.tt_shape, config.factors_per_side)
     if method == "loretta_rep":
-        return LorettaRule(method, config.r, config.a_tensor_shape, config.b_tensor_shape)
+        return LorettaRule(method, config.r, config.a_tensor_shape, config.b_tensor_shape,
+                           cores=config.tensor_cores)
     if method == "loretta_adp":
         return LorettaRule(method, config.bottleneck_size, config.down_tensor_shape, config.up_tensor_shape,
-                           bias_params=1 if config.scaling == "learned" else 0)
+                           bias_params=1 if config.scaling == "learned" else 0, cores=config.tensor_cores)
     raise ValueError(f"no budget planner for method {method!r}; valid: {sorted(PLAN_FIELDS)}")
 
 

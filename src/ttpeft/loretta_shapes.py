@@ -71,12 +71,19 @@ def auto_matrix_shape(rows: int, cols: int, factor_size: int = DEFAULT_FACTOR_SI
 
 
 def factor_shape(width: int, bottleneck: int, width_first: bool = True,
-                 factor_size: int = DEFAULT_FACTOR_SIZE) -> tuple[int, ...]:
+                 factor_size: int = DEFAULT_FACTOR_SIZE, cores: int | None = None) -> tuple[int, ...]:
     """Train shape of a ``width x bottleneck`` weight (``width_first``) or a ``bottleneck x width`` one.
 
-    The published shape is used where the reference has one (it is the same for both directions);
-    otherwise the automatic factorisation.
+    With ``cores``, ``width * bottleneck`` split into that many balanced factors (descending for
+    ``width_first``, ascending for its mirror; fewer when the size has fewer prime factors). Otherwise
+    the published shape where the reference has one (the same for both directions), else the automatic
+    factorisation.
     """
+    if cores is not None:
+        if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
+            raise ValueError(f"tensor_cores={cores!r} is invalid; valid: None or an int >= 1")
+        factors = balanced_factors(width * bottleneck, cores)
+        return factors if width_first else tuple(reversed(factors))
     published = PUBLISHED_FACTOR_SHAPES.get(bottleneck, {}).get(width)
     if published is not None:
         return published

@@ -94,6 +94,9 @@ METHOD_OPTIONS: tuple[MethodOption, ...] = (
                  {"lora": "lora_alpha", "loretta_rep": "lora_alpha"}),
     MethodOption("--tensor-rank", int, "rank of the tensor trains", {"loretta_rep": "tensor_rank",
                                                                     "loretta_adp": "tensor_rank"}),
+    MethodOption("--tensor-cores", int, "cores in each derived train of the two projections (default: the "
+                 "published shape; fewer cores train faster at a small budget)",
+                 {"loretta_rep": "tensor_cores", "loretta_adp": "tensor_cores"}),
     MethodOption("--param-budget", int, "total adapter parameters, planned per layer (shapes and ranks)",
                  {"ttlora": "param_budget", "loretta_rep": "param_budget", "loretta_adp": "param_budget"}),
     MethodOption("--bottleneck-size", int, "adapter bottleneck width", {"loretta_adp": "bottleneck_size"}),

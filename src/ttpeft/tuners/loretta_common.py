@@ -40,6 +40,8 @@ class LorettaConfigBase(TensorTrainPeftConfig):
     train_layernorms: bool = field(default=True, metadata={"help": "Train and save every layer norm."})
     tensorised_head: bool = field(default=False, metadata={"help": "Replace the head's dense layer by a TT layer."})
     head_tensor_shape: Optional[list[int]] = field(default=None, metadata={"help": "Train shape of the head layer."})
+    tensor_cores: Optional[int] = field(
+        default=None, metadata={"help": "Cores in each derived train of the two projections (None: published)."})
 
     def check_loretta_fields(self, cls_name: str, method: str) -> None:
         """The shared checks, then these fields'; each error names the field, its value and what is valid."""
@@ -50,6 +52,10 @@ class LorettaConfigBase(TensorTrainPeftConfig):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{cls_name}: {flag}={getattr(self, flag)!r} is invalid; valid: True or False")
         self.head_tensor_shape = normalise_shape(self.head_tensor_shape, cls_name, "head_tensor_shape")
+        if self.tensor_cores is not None and (isinstance(self.tensor_cores, bool) or not isinstance(
+                self.tensor_cores, int) or self.tensor_cores < 1):
+            raise ValueError(f"{cls_name}: tensor_cores={self.tensor_cores!r} is invalid; valid: None (the published "
+                             "shape, or factors near 8) or an int >= 1, e.g. 2")
 
 
 def normalise_shape(shape, cls_name: str, option: str) -> Optional[list[int]]:

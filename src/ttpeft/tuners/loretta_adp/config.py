@@ -48,6 +48,8 @@ class LorettaAdpConfig(LorettaConfigBase):
             suffixes); ``None``: ``gate_proj``/``up_proj`` for LLaMA-family models, none otherwise.
         down_tensor_shape / up_tensor_shape: explicit train shapes (multiplying to ``h * m``); ``None``
             uses the published shape where the reference has one and a factorisation otherwise.
+        tensor_cores: derive every train of the two projections with this many balanced cores instead of
+            the published/automatic shape (explicit shapes still win); ``None`` (default) keeps those.
         contraction: how the trains are applied to activations (see ``ttpeft.contraction``):
             ``"split"`` (thin factors, default), ``"reconstruct"``, ``"sequential"`` or ``"auto"``.
         init: ``"zero"`` (up's last core and biases zero: the model starts at the base model; default) or

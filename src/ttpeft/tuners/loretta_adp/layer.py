@@ -80,9 +80,10 @@ class LorettaAdpLayer(BaseTunerLayer):
         note = factorisation_note(width, 2)
         if note and (config.down_tensor_shape is None or config.up_tensor_shape is None):
             warnings.warn(f"{where}: adapter width {note}.", stacklevel=4)
-        down_shape = resolve_weight_shape(config.down_tensor_shape, factor_shape(width, m, width_first=True),
+        cores = config.tensor_cores
+        down_shape = resolve_weight_shape(config.down_tensor_shape, factor_shape(width, m, True, cores=cores),
                                           width, m, where, "down_tensor_shape")
-        up_shape = resolve_weight_shape(config.up_tensor_shape, factor_shape(width, m, width_first=False),
+        up_shape = resolve_weight_shape(config.up_tensor_shape, factor_shape(width, m, False, cores=cores),
                                         m, width, where, "up_tensor_shape")
         down_ranks, up_ranks = uniform_ranks(down_shape, config.tensor_rank), uniform_ranks(up_shape, config.tensor_rank)
         if config.init == "reference":

@@ -22,6 +22,8 @@ class LorettaRepConfig(LorettaConfigBase):
         a_tensor_shape / b_tensor_shape: explicit train shapes for A (multiplying to ``in * r``) and B
             (``r * out``); ``None`` uses the published shape for the widths the reference supports and a
             factorisation of the layer's width otherwise.
+        tensor_cores: derive every train of the two projections with this many balanced cores instead of
+            the published/automatic shape (explicit shapes still win); ``None`` (default) keeps those.
         target_modules: module names, a regex, or ``"all-linear"``; ``None``: LoRA's defaults (q, v).
         dropout: dropout on the adapter's input.
         contraction: how the trains are applied to activations (see ``ttpeft.contraction``):

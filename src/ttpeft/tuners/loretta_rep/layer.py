@@ -62,9 +62,12 @@ class LorettaRepLayer(BaseTunerLayer):
             note = factorisation_note(size, 2)
             if note and explicit is None:
                 warnings.warn(f"{where}: {side} features {note}.", stacklevel=4)
-        a_shape = resolve_weight_shape(config.a_tensor_shape, factor_shape(self.in_features, r, width_first=True),
+        cores = config.tensor_cores
+        a_shape = resolve_weight_shape(config.a_tensor_shape,
+                                       factor_shape(self.in_features, r, width_first=True, cores=cores),
                                        self.in_features, r, where, "a_tensor_shape")
-        b_shape = resolve_weight_shape(config.b_tensor_shape, factor_shape(self.out_features, r, width_first=False),
+        b_shape = resolve_weight_shape(config.b_tensor_shape,
+                                       factor_shape(self.out_features, r, width_first=False, cores=cores),
                                        r, self.out_features, where, "b_tensor_shape")
         a_ranks, b_ranks = uniform_ranks(a_shape, config.tensor_rank), uniform_ranks(b_shape, config.tensor_rank)
         if config.init == "reference":
