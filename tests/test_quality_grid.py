@@ -100,3 +100,49 @@ def test_target_needs_both_the_gap_and_the_ratio():
     verdicts = {line.split("|")[1].strip().strip("*"): line.split("|")[4].strip()
                 for line in summary.target_lines(averages, sizes) if line.startswith("| ") and "x |" in line}
     assert verdicts == {"ttlora_10x": "yes", "loretta_rep_10x": "no", "lora_r1": "no"}
+
+
+def write_split(folder: Path, task: str, split: str, sentences: list[str]) -> None:
+    import pandas as pd
+
+    target = folder / grid.TASKS[task] / task
+    target.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"premise": sentences, "hypothesis": sentences, "label": [0] * len(sentences)}).to_parquet(
+        target / f"{split}.parquet", index=False)
+
+
+def test_lr_selection_trains_on_a_held_out_train_slice_picks_the_best_and_resumes(tmp_path, monkeypatch):
+    import pandas as pd
+
+    data = tmp_path / "data"
+    write_split(data, "cb", "train", [f"train {i}" for i in range(50)])
+    write_split(data, "cb", "validation", [f"reported {i}" for i in range(20)])
+    args = grid.parse_args(grid_argv(tmp_path, "--data-dir", str(data), "--lr-grid", "--holdout-samples", "8",
+                                     "--runs-dir", str(tmp_path / "runs")))
+    args.causal = False
+    best = grid.default_lr("ttlora") * 2.0
+    calls = []
+
+    def fake_train_once(task, variant, seed, args, data_dir, output_dir, lr=None, **_):
+        calls.append((data_dir, lr))
+        output_dir.mkdir(parents=True)
+        result = {"metrics": {"accuracy": 1.0 - abs(lr - best)}, "headline_metric": "accuracy"}
+        (output_dir / "results.json").write_text(json.dumps(result))
+        return result
+
+    monkeypatch.setattr(grid, "train_once", fake_train_once)
+    chosen, scores = grid.choose_lr("cb", "ttlora_10x", 0, args)
+    assert chosen == pytest.approx(best) and len(scores) == len(grid.LR_MULTIPLIERS)
+    [data_dir] = {d for d, _ in calls}
+    split = Path(data_dir) / "super_glue" / "cb"
+    held_out = set(pd.read_parquet(split / "validation.parquet")["premise"])
+    trained = set(pd.read_parquet(split / "train.parquet")["premise"])
+    assert len(held_out) == 8 and not held_out & trained  # cb keeps at least 4/5 of its 50 rows for training
+    assert held_out | trained == {f"train {i}" for i in range(50)}  # the reported split is never used
+
+    calls.clear()
+    assert grid.choose_lr("cb", "ttlora_10x", 0, args)[0] == pytest.approx(best)
+    assert calls == []  # finished selection runs are read back, not rerun
+    args.holdout_samples = 9
+    grid.choose_lr("cb", "ttlora_10x", 0, args)
+    assert len(calls) == len(grid.LR_MULTIPLIERS)  # another held-out size is another selection

@@ -41,10 +41,12 @@ METHODS = {
     "loretta_rep": ("loretta_rep", []),
     "loretta_adp": ("loretta_adp", []),
     # ~10x fewer adapter parameters than lora_r8 (73,728 on MiniLM): a 7,000-parameter budget, and for the
-    # LoRETTA methods no trained layer norms (MiniLM's 9,984 alone would break the ratio). TT-LoRA splits each
-    # side in 2 factors: 4 cores at rank 3 train faster in a short run than 6 at rank 4-5 (README).
+    # LoRETTA methods no trained layer norms (MiniLM's 9,984 alone would break the ratio). Fewer, larger cores
+    # train faster in a short run (README): TT-LoRA splits each side in 2 factors (4 cores at rank 3 instead of
+    # 6 at rank 4-5), LoRETTA_rep stores A and B as 2 cores each (instead of 4 at rank 1-2).
     "ttlora_10x": ("ttlora", ["--param-budget", "7000", "--factors-per-side", "2"]),
-    "loretta_rep_10x": ("loretta_rep", ["--param-budget", "7000", "--train-layernorms", "false"]),
+    "loretta_rep_10x": ("loretta_rep", ["--param-budget", "7000", "--train-layernorms", "false",
+                                        "--tensor-cores", "2"]),
     "loretta_adp_10x": ("loretta_adp", ["--param-budget", "7000", "--train-layernorms", "false"]),
     "vera": ("vera", []),
     "fourierft": ("fourierft", []),
@@ -264,10 +266,15 @@ def choose_lr(task: str, variant: str, seed: int, args) -> tuple[float, dict]:
     data_dir = holdout_data_dir(task, seed, args)
     scores = {}
     for lr in candidates:
-        key = run_key(task, variant, run_config(variant, args, lr), seed)
-        out = Path(args.runs_dir) / "lr" / run_dir_name(task, variant, key, seed, f"-lr{lr:g}")
-        result = train_once(task, variant, seed, args, data_dir, out, lr=lr,
-                            max_train_samples=args.max_train_samples)
+        config = {**run_config(variant, args, lr), "holdout_samples": args.holdout_samples}
+        out = Path(args.runs_dir) / "lr" / run_dir_name(task, variant, run_key(task, variant, config, seed), seed,
+                                                        f"-lr{lr:g}")
+        finished = out / "results.json"  # a selection run of an interrupted grid is not run again
+        if finished.is_file():
+            result = json.loads(finished.read_text())
+        else:
+            result = train_once(task, variant, seed, args, data_dir, out, lr=lr,
+                                max_train_samples=args.max_train_samples)
         scores[lr] = result["metrics"][result["headline_metric"]]
         print(f"    lr {lr:g}: held-out {result['headline_metric']} {scores[lr]:.4f}", flush=True)
     best = max(scores, key=scores.get)
