@@ -70,6 +70,14 @@ def auto_matrix_shape(rows: int, cols: int, factor_size: int = DEFAULT_FACTOR_SI
     return side_factors(rows, factor_size) + tuple(sorted(side_factors(cols, factor_size)))
 
 
+def check_tensor_cores(cores, where: str = "") -> None:
+    """A ValueError naming ``where`` (a config class) unless ``cores`` is None or an int >= 1."""
+    if cores is not None and (isinstance(cores, bool) or not isinstance(cores, int) or cores < 1):
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}tensor_cores={cores!r} is invalid; valid: None or an int >= 1, e.g. 2 "
+                         "(None: the published shape, or factors near 8)")
+
+
 def factor_shape(width: int, bottleneck: int, width_first: bool = True,
                  factor_size: int = DEFAULT_FACTOR_SIZE, cores: int | None = None) -> tuple[int, ...]:
     """Train shape of a ``width x bottleneck`` weight (``width_first``) or a ``bottleneck x width`` one.
@@ -80,8 +88,7 @@ def factor_shape(width: int, bottleneck: int, width_first: bool = True,
     factorisation.
     """
     if cores is not None:
-        if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
-            raise ValueError(f"tensor_cores={cores!r} is invalid; valid: None or an int >= 1")
+        check_tensor_cores(cores)
         factors = balanced_factors(width * bottleneck, cores)
         return factors if width_first else tuple(reversed(factors))
     published = PUBLISHED_FACTOR_SHAPES.get(bottleneck, {}).get(width)
@@ -131,6 +138,7 @@ __all__ = [
     "PUBLISHED_HEAD_SHAPES",
     "auto_matrix_shape",
     "check_matrix_shape",
+    "check_tensor_cores",
     "factor_shape",
     "head_shape",
     "row_split",

@@ -20,7 +20,7 @@ from torch import nn
 
 from .config_base import TensorTrainPeftConfig
 from .mixed_batch import row_groups
-from ..loretta_shapes import check_matrix_shape, head_shape, row_split
+from ..loretta_shapes import check_matrix_shape, check_tensor_cores, head_shape, row_split
 from ..tensor_train import contract_cores, full_ranks
 from ..tt_matrix import thin_factors
 
@@ -52,10 +52,7 @@ class LorettaConfigBase(TensorTrainPeftConfig):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{cls_name}: {flag}={getattr(self, flag)!r} is invalid; valid: True or False")
         self.head_tensor_shape = normalise_shape(self.head_tensor_shape, cls_name, "head_tensor_shape")
-        if self.tensor_cores is not None and (isinstance(self.tensor_cores, bool) or not isinstance(
-                self.tensor_cores, int) or self.tensor_cores < 1):
-            raise ValueError(f"{cls_name}: tensor_cores={self.tensor_cores!r} is invalid; valid: None (the published "
-                             "shape, or factors near 8) or an int >= 1, e.g. 2")
+        check_tensor_cores(self.tensor_cores, cls_name)
 
 
 def normalise_shape(shape, cls_name: str, option: str) -> Optional[list[int]]:
