@@ -79,6 +79,33 @@ def test_tensor_cores_option_sets_the_loretta_field():
         assert method_config_fields(get_method(method), vars(args), {}) == {"tensor_cores": 2}
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("query,value", ["query", "value"]),
+    ("all-linear", "all-linear"),
+    (r".*layer\.\d+\.output\.dense", r".*layer\.\d+\.output\.dense"),  # one pattern, commas and all
+    (r".*\.(query|value)", r".*\.(query|value)"),
+])
+def test_target_modules_take_names_or_one_regex(text, expected):
+    from ttpeft.methods import get_method, method_config_fields
+
+    args = build_parser().parse_args(["train", "--method", "loretta_adp", "--target-modules", text])
+    assert method_config_fields(get_method("loretta_adp"), vars(args), {}) == {"target_modules": expected}
+
+
+def test_a_regex_target_adapts_only_the_modules_it_matches_in_full():
+    from ttpeft.methods import build_peft_config, get_method
+    from peft import get_peft_model
+
+    from tiny_models import tiny_bert
+
+    model = tiny_bert()
+    config = build_peft_config(get_method("loretta_adp"), {"target_modules": r".*layer\.\d+\.output\.dense",
+                                                            "train_layernorms": False},
+                               "SEQ_CLS", model)
+    adapted = get_peft_model(model, config).targeted_module_names
+    assert adapted and all(".attention." not in name and name.endswith(".output.dense") for name in adapted)
+
+
 def test_unknown_option_from_the_console_is_one_line(tmp_path):
     result = _run_cli("train", "--epochz", "3", cwd=tmp_path)
     assert result.returncode == 2

@@ -76,6 +76,16 @@ def test_dry_run_refuses_unknown_variants(tmp_path):
         grid.main(grid_argv(tmp_path, "--dry-run", "--methods", "lora_r3"))
 
 
+def test_dry_run_plans_every_variant_and_the_default_grid_leaves_out_the_ablations(tmp_path, capsys):
+    every = ",".join(v for v in grid.METHODS if v != "zero_shot")
+    assert grid.main(grid_argv(tmp_path, "--dry-run", "--methods", every, "--seeds", "0")) == 0
+    assert grid.main(grid_argv(tmp_path, "--dry-run", "--methods", "", "--seeds", "0")) == 0
+    every_plan, default_plan = capsys.readouterr().out.split("runs to do")[1:]
+    for ablation in grid.ABLATIONS:
+        assert ablation in every_plan and ablation not in default_plan
+    assert "loretta_adp_10x " in default_plan
+
+
 def summary_row(variant: str, task: str, seed: int, value: float, params: int, head: int = 5) -> dict:
     return {"task": task, "variant": variant, "seed": seed, "headline_metric": "accuracy",
             "metrics": {"accuracy": value}, "trainable_params": params + head, "head_params": head,
@@ -146,3 +156,39 @@ def test_lr_selection_trains_on_a_held_out_train_slice_picks_the_best_and_resume
     args.holdout_samples = 9
     grid.choose_lr("cb", "ttlora_10x", 0, args)
     assert len(calls) == len(grid.LR_MULTIPLIERS)  # another held-out size is another selection
+
+
+def test_on_holdout_runs_report_on_the_held_out_slice_with_their_own_key(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    write_split(data, "cb", "train", [f"train {i}" for i in range(50)])
+    write_split(data, "cb", "validation", [f"reported {i}" for i in range(20)])
+    plain = grid.parse_args(grid_argv(tmp_path, "--data-dir", str(data)))
+    plain.causal = False
+    calls = []
+
+    def fake_train_once(task, variant, seed, args, data_dir, output_dir, lr=None, **_):
+        calls.append((data_dir, lr))
+        return {"method": "ttlora", "model": "minilm", "method_config": {}, "trainable_params": 1,
+                "total_params": 2, "adapter_bytes": 3, "metrics": {"accuracy": 0.5}, "headline_metric": "accuracy",
+                "settings": {"lr": lr}, "train": {"steps": 1, "train_runtime_s": 0.1}, "wall_time_s": 0.2,
+                "num_train_examples": 40, "num_eval_examples": 10, "data": data_dir, "command": "ttpeft train"}
+
+    monkeypatch.setattr(grid, "train_once", fake_train_once)
+    argv = grid_argv(tmp_path, "--data-dir", str(data), "--tasks", "cb", "--methods", "ttlora_10x", "--seeds", "0",
+                     "--on-holdout", "--holdout-samples", "8", "--lr", "0.02", "--runs-dir", str(tmp_path / "runs"))
+    assert grid.main(argv) == 0
+    [(data_dir, lr)] = calls
+    assert lr == 0.02 and Path(data_dir) != data
+    held_out = pd_column(Path(data_dir) / "super_glue" / "cb" / "validation.parquet")
+    assert len(held_out) == 8 and held_out <= {f"train {i}" for i in range(50)}  # never the validation split
+    [row] = grid.read_rows(tmp_path / "results.jsonl")
+    assert row["config"]["on_holdout"] == 8 and row["config"]["fixed_lr"] == 0.02
+    assert "on_holdout" not in grid.run_config("ttlora_10x", plain)  # earlier rows keep their resume keys
+    with pytest.raises(SystemExit, match="--lr-grid"):
+        grid.main(argv + ["--lr-grid"])
+
+
+def pd_column(path: Path) -> set:
+    import pandas as pd
+
+    return set(pd.read_parquet(path)["premise"])

@@ -48,6 +48,14 @@ METHODS = {
     "loretta_rep_10x": ("loretta_rep", ["--param-budget", "7000", "--train-layernorms", "false",
                                         "--tensor-cores", "2"]),
     "loretta_adp_10x": ("loretta_adp", ["--param-budget", "7000", "--train-layernorms", "false"]),
+    # Ablations of the 10x variants (run only when named in --methods): TT-LoRA with a wide middle bond
+    # (the rank of dW) and thin outer bonds, 6,528 parameters; TT-LoRA on all four attention projections;
+    # LoRETTA_adp with one adapter per block, after the FFN (Pfeiffer's placement) instead of two.
+    "ttlora_10x_mid": ("ttlora", ["--factors-per-side", "2", "--tt-rank", "2,7,2"]),
+    "ttlora_10x_qkvo": ("ttlora", ["--param-budget", "7000", "--factors-per-side", "2",
+                                   "--target-modules", "query,key,value,attention.output.dense"]),
+    "loretta_adp_10x_ffn": ("loretta_adp", ["--param-budget", "7000", "--train-layernorms", "false",
+                                            "--target-modules", r".*layer\.\d+\.output\.dense"]),
     "vera": ("vera", []),
     "fourierft": ("fourierft", []),
     "vblora": ("vblora", []),
@@ -60,10 +68,12 @@ METHODS = {
     "ia3": ("ia3", []),
     "zero_shot": ("zero_shot", []),  # causal LMs: the prompt with no training (`ttpeft eval --model`)
 }
+ABLATIONS = ("ttlora_10x_mid", "ttlora_10x_qkvo", "loretta_adp_10x_ffn")
 ENCODER_ONLY = ("head", "full")  # a causal LM scores label words and has no classification head
 CAUSAL_DEFAULT = ["zero_shot", "lora_r8", "ttlora", "loretta_rep", "loretta_adp"]  # the causal-LM grid
 # The encoder module names in the variants' arguments, renamed for a causal LM (LLaMA family).
-CAUSAL_MODULE_NAMES = {"query,value": "q_proj,v_proj"}
+CAUSAL_MODULE_NAMES = {"query,value": "q_proj,v_proj", "query,key,value,attention.output.dense":
+                       "q_proj,k_proj,v_proj,o_proj", r".*layer\.\d+\.output\.dense": "down_proj"}
 # Shorthand accepted by --methods: plain "lora" means r=8.
 METHOD_ALIASES = {"lora": "lora_r8"}
 
@@ -71,7 +81,8 @@ METHOD_ALIASES = {"lora": "lora_r8"}
 # model load, evaluation); only for --dry-run when the results file has no rows for the method yet.
 SECONDS_PER_STEP = {"head": 0.35, "full": 1.4, "lora_r8": 0.75, "lora_r1": 0.75, "ttlora": 0.85,
                     "loretta_rep": 0.9, "loretta_adp": 0.9, "ttlora_10x": 0.85,
-                    "loretta_rep_10x": 0.9, "loretta_adp_10x": 0.9, "vera": 0.85, "fourierft": 1.0, "vblora": 0.9,
+                    "loretta_rep_10x": 0.9, "loretta_adp_10x": 0.9, "ttlora_10x_mid": 0.85, "ttlora_10x_qkvo": 0.9,
+                    "loretta_adp_10x_ffn": 0.85, "vera": 0.85, "fourierft": 1.0, "vblora": 0.9,
                     "fourierft_10x": 1.0, "vblora_10x": 0.9,
                     "tinylora": 0.85, "lokr": 0.85, "ia3": 0.7, "zero_shot": 0.0}
 SECONDS_PER_RUN = 12.0
@@ -87,7 +98,8 @@ def parse_args(argv=None):
     parser.add_argument("--tasks", default=None,
                         help="comma-separated tasks (default: all of " + ", ".join(TASKS) + "; no stsb for causal LMs)")
     parser.add_argument("--methods", default=None, help="comma-separated method variants: "
-                        + ", ".join(METHODS) + " (lora = lora_r8; default: every variant for the model's family)")
+                        + ", ".join(METHODS) + " (lora = lora_r8; default: every variant for the model's family but the "
+                        "ablations " + ", ".join(ABLATIONS) + ")")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--data-dir", default=str(REPO_ROOT.parent / "shared" / "data"),
@@ -100,6 +112,11 @@ def parse_args(argv=None):
                         help="choose each method's lr on a slice held out from the train split")
     parser.add_argument("--holdout-samples", type=int, default=200,
                         help="size of the held-out train slice used by --lr-grid")
+    parser.add_argument("--on-holdout", action="store_true",
+                        help="train on the train split minus the held-out slice and report on that slice "
+                             "(for design choices: the validation split is never seen)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="one learning rate for every run (default: each method's own)")
     parser.add_argument("--results", default=str(HERE / "results" / "results.jsonl"))
     parser.add_argument("--runs-dir", default=str(REPO_ROOT / "runs" / "quality"))
     parser.add_argument("--dry-run", action="store_true", help="print the plan and its estimated time")
@@ -143,7 +160,10 @@ def run_config(variant: str, args, lr=None) -> dict:
     return {"method": method, "args": extra, "model": args.model, "data_dir": args.data_dir, "epochs": args.epochs,
             "batch_size": args.batch_size, "max_train_samples": args.max_train_samples,
             "max_eval_samples": args.max_eval_samples, "lr_grid": args.lr_grid if lr is None else False,
-            **({"lr": lr} if lr is not None else {})}
+            **({"lr": lr} if lr is not None else {}),
+            # only when set, so the keys of earlier rows stay valid
+            **({"fixed_lr": args.lr} if args.lr is not None else {}),
+            **({"on_holdout": args.holdout_samples} if args.on_holdout else {})}
 
 
 def run_key(task: str, variant: str, config: dict, seed: int) -> str:
@@ -302,7 +322,7 @@ def main(argv=None) -> int:
     args.causal = is_causal(args.model)
     # a causal LM scores label words after a prompt: no regression task
     tasks = split_list(args.tasks) if args.tasks else [t for t in TASKS if not (args.causal and t == "stsb")]
-    default = CAUSAL_DEFAULT if args.causal else [v for v in METHODS if v != "zero_shot"]
+    default = CAUSAL_DEFAULT if args.causal else [v for v in METHODS if v != "zero_shot" and v not in ABLATIONS]
     variants = [METHOD_ALIASES.get(v, v) for v in split_list(args.methods)] if args.methods else default
     seeds = [int(s) for s in split_list(args.seeds)]
     unknown = [t for t in tasks if t not in TASKS] + [v for v in variants if v not in METHODS]
@@ -314,6 +334,10 @@ def main(argv=None) -> int:
         sys.exit(f"{', '.join(wrong_family)}: not for {args.model} ({why})")
     if args.lr_grid and args.data_dir in ("embedded", "hub"):
         sys.exit("--lr-grid needs a parquet --data-dir to cut the held-out train slice from")
+    if args.on_holdout and args.data_dir in ("embedded", "hub"):
+        sys.exit("--on-holdout needs a parquet --data-dir to cut the held-out train slice from")
+    if args.lr_grid and (args.lr is not None or args.on_holdout):
+        sys.exit("--lr-grid chooses the lr on the held-out slice itself: not with --lr or --on-holdout")
 
     results_path = Path(args.results)
     rows = read_rows(results_path)
@@ -346,14 +370,16 @@ def main(argv=None) -> int:
     for i, (task, variant, seed, config, _, _) in enumerate(plan, 1):
         print(f"[{i}/{len(plan)}] {task} {variant} seed {seed}", flush=True)
         try:
-            lr, lr_choice = None, None
+            lr, lr_choice, data_dir = args.lr, None, args.data_dir
+            if args.on_holdout:
+                data_dir = holdout_data_dir(task, seed, args)
             if args.lr_grid and variant != "zero_shot":
                 lr, scores = choose_lr(task, variant, seed, args)
                 lr_choice = {"chosen": lr, "held_out_scores": scores,
                              "held_out_samples": args.holdout_samples, "from": "train split"}
             key = run_key(task, variant, config, seed)
             out = Path(args.runs_dir) / run_dir_name(task, variant, key, seed)
-            results = train_once(task, variant, seed, args, args.data_dir, out, lr=lr,
+            results = train_once(task, variant, seed, args, data_dir, out, lr=lr,
                                  max_train_samples=args.max_train_samples,
                                  max_eval_samples=args.max_eval_samples)
         except RuntimeError as error:  # one broken method must not stop the grid

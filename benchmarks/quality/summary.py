@@ -70,6 +70,10 @@ def write_markdown(cells: dict, rows: list[dict], out: Path, source: Path, has_a
              f"From `{source.name}` ({len(rows)} runs). Metric: the task's headline metric ×100, "
              "mean ± std over seeds (n = seeds). Trainable parameters include the classifier head.", "",
              "Caps and epochs of these runs: " + "; ".join(f"`{c}`" for c in caps), ""]
+    held_out = sorted({r["config"]["on_holdout"] for r in rows if r["config"].get("on_holdout")})
+    if held_out:
+        lines += [f"Scores on a slice of {', '.join(map(str, held_out))} rows held out from the train split "
+                  "(`--on-holdout`), not on the validation split.", ""]
     header = ("| method | trainable params | adapter params (no head) | adapter bytes | lr | " + " | ".join(tasks)
               + " | average |")
     lines += [header, "|" + "---|" * (6 + len(tasks))]

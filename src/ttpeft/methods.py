@@ -60,8 +60,15 @@ def _yes_no(text: str) -> bool:
     return value in ("true", "yes", "1")
 
 
+_REGEX_CHARACTERS = set("*+?\\[](){}^$|")
+
+
 def _names(text: str):
-    return text if text == "all-linear" else [name.strip() for name in text.split(",") if name.strip()]
+    """'all-linear', a regex (any regex character: one pattern, matched in full as peft does) or a
+    comma-separated list of module name suffixes."""
+    if text == "all-linear" or _REGEX_CHARACTERS & set(text):
+        return text
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,8 @@ class MethodOption:
 
 _PEFT_METHODS = [name for name, m in METHODS.items() if m.config_class]
 METHOD_OPTIONS: tuple[MethodOption, ...] = (
-    MethodOption("--target-modules", _names, "comma-separated module names to adapt, or all-linear",
+    MethodOption("--target-modules", _names, "comma-separated module names to adapt, all-linear, "
+                 "or one regex matched against the full module name",
                  {name: "target_modules" for name in _PEFT_METHODS}),
     MethodOption("--tt-rank", _int_list, "TT rank, or one rank per bond (5,6,5)", {"ttlora": "tt_rank"}),
     MethodOption("--tt-shape", _tt_shape, "TT shape 'in factors|out factors', e.g. 8,8,6|6,8,8",
