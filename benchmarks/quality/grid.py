@@ -109,7 +109,7 @@ def parse_args(argv=None):
     parser.add_argument("--lr-grid", action="store_true",
                         help="choose each method's lr on a slice held out from the train split")
     parser.add_argument("--holdout-samples", type=int, default=200,
-                        help="size of the held-out train slice used by --lr-grid")
+                        help="size of the held-out train slice used by --lr-grid and --on-holdout")
     parser.add_argument("--on-holdout", action="store_true",
                         help="train on the train split minus the held-out slice and report on that slice "
                              "(for design choices: the validation split is never seen)")
