@@ -104,6 +104,18 @@ def test_summary_means_over_seeds_and_last_row_of_a_seed_wins():
     assert cell["adapter_params"] == [1000, 1000]
 
 
+@pytest.mark.parametrize("head", [5, None])
+def test_summary_says_whether_a_head_is_counted_and_which_rows_are_held_out(tmp_path, head):
+    rows = [summary_row("lora_r8", "cb", 0, 0.5, 1000, head=head or 0)]
+    rows[0]["head_params"] = head
+    rows[0]["config"]["on_holdout"] = 50
+    summary.write_markdown(summary.aggregate(rows), rows, tmp_path / "summary.md", tmp_path / "results.jsonl")
+    text = (tmp_path / "summary.md").read_text()
+    assert ("include the classifier head" in text) == bool(head)
+    assert ("No classifier head" in text) == (head is None)
+    assert "slice of 50 rows held out from the train split" in text
+
+
 def test_target_needs_both_the_gap_and_the_ratio():
     averages = {"lora_r8": 70.0, "ttlora_10x": 69.2, "loretta_rep_10x": 68.5, "lora_r1": 69.9}
     sizes = {"lora_r8": 10000, "ttlora_10x": 900, "loretta_rep_10x": 900, "lora_r1": 2000}

@@ -66,9 +66,12 @@ def write_markdown(cells: dict, rows: list[dict], out: Path, source: Path, has_a
     variants = sorted({variant for _, variant in cells}, key=variant_rank)
     caps = sorted({json.dumps({k: r["config"][k] for k in ("max_train_samples", "max_eval_samples", "epochs")},
                               sort_keys=True) for r in rows})
+    has_head = any(r.get("head_params") for r in rows)  # a causal LM scores label words: no head
+    head_note = ("Trainable parameters include the classifier head." if has_head
+                 else "No classifier head: the model scores each label word after a prompt.")
     lines = [f"# Quality grid summary", "",
              f"From `{source.name}` ({len(rows)} runs). Metric: the task's headline metric ×100, "
-             "mean ± std over seeds (n = seeds). Trainable parameters include the classifier head.", "",
+             f"mean ± std over seeds (n = seeds). {head_note}", "",
              "Caps and epochs of these runs: " + "; ".join(f"`{c}`" for c in caps), ""]
     held_out = sorted({r["config"]["on_holdout"] for r in rows if r["config"].get("on_holdout")})
     if held_out:
@@ -104,8 +107,9 @@ def write_markdown(cells: dict, rows: list[dict], out: Path, source: Path, has_a
                      + " | ".join(entries) + f" | {average} |")
     lines += target_lines(averages, adapter_sizes)
     metrics = {task: next(c["metric"] for (t, _), c in cells.items() if t == task) for task in tasks}
-    lines += ["", "Metrics: " + ", ".join(f"{t}: {m}" for t, m in metrics.items()),
-              "Trainable parameters differ per task only through the classifier head (number of labels).", ""]
+    lines += ["", "Metrics: " + ", ".join(f"{t}: {m}" for t, m in metrics.items())]
+    lines += ["Trainable parameters differ per task only through the classifier head (number of labels)."] if has_head else []
+    lines += [""]
     lines += ["![average](average.png)"] if has_average else []
     lines += [f"![{task}]({task.replace('/', '_')}.png)" for task in tasks]
     out.write_text("\n".join(lines) + "\n")
