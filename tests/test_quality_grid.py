@@ -134,8 +134,6 @@ def write_split(folder: Path, task: str, split: str, sentences: list[str]) -> No
 
 
 def test_lr_selection_trains_on_a_held_out_train_slice_picks_the_best_and_resumes(tmp_path, monkeypatch):
-    import pandas as pd
-
     data = tmp_path / "data"
     write_split(data, "cb", "train", [f"train {i}" for i in range(50)])
     write_split(data, "cb", "validation", [f"reported {i}" for i in range(20)])
@@ -157,8 +155,8 @@ def test_lr_selection_trains_on_a_held_out_train_slice_picks_the_best_and_resume
     assert chosen == pytest.approx(best) and len(scores) == len(grid.LR_MULTIPLIERS)
     [data_dir] = {d for d, _ in calls}
     split = Path(data_dir) / "super_glue" / "cb"
-    held_out = set(pd.read_parquet(split / "validation.parquet")["premise"])
-    trained = set(pd.read_parquet(split / "train.parquet")["premise"])
+    held_out = pd_column(split / "validation.parquet")
+    trained = pd_column(split / "train.parquet")
     assert len(held_out) == 8 and not held_out & trained  # cb keeps at least 4/5 of its 50 rows for training
     assert held_out | trained == {f"train {i}" for i in range(50)}  # the reported split is never used
 
@@ -198,6 +196,12 @@ def test_on_holdout_runs_report_on_the_held_out_slice_with_their_own_key(tmp_pat
     assert "on_holdout" not in grid.run_config("ttlora_10x", plain)  # earlier rows keep their resume keys
     with pytest.raises(SystemExit, match="--lr-grid"):
         grid.main(argv + ["--lr-grid"])
+
+
+@pytest.mark.parametrize("flag", ["--lr-grid", "--on-holdout"])
+def test_a_held_out_slice_needs_a_parquet_folder(tmp_path, flag):
+    with pytest.raises(SystemExit, match=f"{flag} needs a parquet --data-dir"):
+        grid.main(grid_argv(tmp_path, "--data-dir", "embedded", flag))
 
 
 def pd_column(path: Path) -> set:

@@ -336,10 +336,9 @@ def main(argv=None) -> int:
     if wrong_family:
         why = "they train a classification head" if args.causal else "it needs a causal LM"
         sys.exit(f"{', '.join(wrong_family)}: not for {args.model} ({why})")
-    if args.lr_grid and args.data_dir in ("embedded", "hub"):
-        sys.exit("--lr-grid needs a parquet --data-dir to cut the held-out train slice from")
-    if args.on_holdout and args.data_dir in ("embedded", "hub"):
-        sys.exit("--on-holdout needs a parquet --data-dir to cut the held-out train slice from")
+    if (args.lr_grid or args.on_holdout) and args.data_dir in ("embedded", "hub"):
+        flag = "--lr-grid" if args.lr_grid else "--on-holdout"
+        sys.exit(f"{flag} needs a parquet --data-dir to cut the held-out train slice from")
     if args.lr_grid and (args.lr is not None or args.on_holdout):
         sys.exit("--lr-grid chooses the lr on the held-out slice itself: not with --lr or --on-holdout")
 

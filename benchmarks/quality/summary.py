@@ -108,7 +108,8 @@ def write_markdown(cells: dict, rows: list[dict], out: Path, source: Path, has_a
     lines += target_lines(averages, adapter_sizes)
     metrics = {task: next(c["metric"] for (t, _), c in cells.items() if t == task) for task in tasks}
     lines += ["", "Metrics: " + ", ".join(f"{t}: {m}" for t, m in metrics.items())]
-    lines += ["Trainable parameters differ per task only through the classifier head (number of labels)."] if has_head else []
+    if has_head:
+        lines += ["Trainable parameters differ per task only through the classifier head (number of labels)."]
     lines += [""]
     lines += ["![average](average.png)"] if has_average else []
     lines += [f"![{task}]({task.replace('/', '_')}.png)" for task in tasks]
