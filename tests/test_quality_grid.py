@@ -116,6 +116,20 @@ def test_summary_says_whether_a_head_is_counted_and_which_rows_are_held_out(tmp_
     assert "slice of 50 rows held out from the train split" in text
 
 
+def test_summary_lists_each_held_out_lr_choice_with_the_rate_it_led_to(tmp_path):
+    rows = [summary_row("lora_r8", "cb", 0, 0.5, 1000), summary_row("ttlora_10x", "cb", 0, 0.7, 100)]
+    rows[1]["lr"] = 0.01
+    rows[1]["lr_selection"] = {"chosen": 0.01, "from": "train split", "held_out_samples": 50,
+                               "held_out_scores": {"0.01": 0.74, "0.0025": 0.72, "0.005": 0.7}}
+    summary.write_markdown(summary.aggregate(rows), rows, tmp_path / "summary.md", tmp_path / "results.jsonl")
+    lines = (tmp_path / "summary.md").read_text().splitlines()
+    selected = [line for line in lines if line.startswith("| cb |")]
+    assert selected == ["| cb | ttlora_10x | 0 | 50 | 0.0025: 72.0 / 0.005: 70.0 / 0.01: 74.0 | 0.01 | 70.0 |"]
+    rows.pop()
+    summary.write_markdown(summary.aggregate(rows), rows, tmp_path / "summary.md", tmp_path / "results.jsonl")
+    assert "held-out train slice" not in (tmp_path / "summary.md").read_text()
+
+
 def test_target_needs_both_the_gap_and_the_ratio():
     averages = {"lora_r8": 70.0, "ttlora_10x": 69.2, "loretta_rep_10x": 68.5, "lora_r1": 69.9}
     sizes = {"lora_r8": 10000, "ttlora_10x": 900, "loretta_rep_10x": 900, "lora_r1": 2000}

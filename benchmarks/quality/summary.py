@@ -106,6 +106,7 @@ def write_markdown(cells: dict, rows: list[dict], out: Path, source: Path, has_a
                      f"{'/'.join(f'{b:,}' for b in sizes)} | {'/'.join(f'{lr:g}' for lr in lrs) or '–'} | "
                      + " | ".join(entries) + f" | {average} |")
     lines += target_lines(averages, adapter_sizes)
+    lines += lr_selection_lines(rows)
     metrics = {task: next(c["metric"] for (t, _), c in cells.items() if t == task) for task in tasks}
     lines += ["", "Metrics: " + ", ".join(f"{t}: {m}" for t, m in metrics.items())]
     if has_head:
@@ -131,6 +132,26 @@ def target_lines(averages: dict, adapter_sizes: dict) -> list[str]:
         met = "yes" if gap >= -1.0 and ratio >= 10 else "no"
         name = f"**{variant}**" if variant in OURS else variant
         lines.append(f"| {name} | {gap:+.1f} | {ratio:.1f}x | {met} |")
+    return lines
+
+
+def lr_selection_lines(rows: list[dict]) -> list[str]:
+    """Per run chosen on the held-out slice (`--lr-grid`): its score at each rate, the rate chosen and the
+    validation score that rate reached. The last row of a seed wins, as in the tables."""
+    chosen = {(r["task"], r["variant"], r["seed"]): r for r in rows if r.get("lr_selection")}
+    if not chosen:
+        return []
+    lines = ["", "Learning rates chosen on the held-out train slice: held-out score at each rate → rate chosen → "
+             "validation score (×100).", "", "| task | method | seed | held-out rows | held out | chosen | validation |",
+             "|---|---|---|---|---|---|---|"]
+    for (task, variant, seed), row in sorted(chosen.items(), key=lambda kv: (kv[0][0], variant_rank(kv[0][1]),
+                                                                             kv[0][2])):
+        selection = row["lr_selection"]
+        scores = " / ".join(f"{float(lr):g}: {100 * score:.1f}"
+                            for lr, score in sorted(selection["held_out_scores"].items(), key=lambda kv: float(kv[0])))
+        value = 100 * row["metrics"][row["headline_metric"]]
+        lines.append(f"| {task} | {variant} | {seed} | {selection['held_out_samples']} | {scores} | "
+                     f"{selection['chosen']:g} | {value:.1f} |")
     return lines
 
 
