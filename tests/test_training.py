@@ -95,6 +95,28 @@ def test_head_lr_sets_the_classification_heads_rate_alone(method_name, tokenizer
         assert default_rest and max(slow_rest.values()) > 1e-3  # the adapter keeps --lr
 
 
+@pytest.mark.parametrize("method_name", ["loretta_rep", "loretta_adp"])
+def test_layer_norm_lr_sets_the_trained_layer_norms_rate_alone(method_name, tokenizer, sst2, tmp_path):
+    task, method = get_task("sst2"), get_method(method_name)
+    model, _ = training.apply_method(tiny_bert(tokenizer), method, {}, training.ENCODER)
+    norms = training.layer_norm_parameter_ids(model)
+    names = {n for n, p in model.named_parameters() if id(p) in norms}
+    assert names and all("LayerNorm" in n for n in names)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    training.train(model, tokenizer, task, sst2[0], training.ENCODER, _settings(lr=1e-2, layer_norm_lr=1e-7),
+                   str(tmp_path / "work"))
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters() if n in before}
+    assert max(moved[n] for n in names) < 1e-6
+    assert max(d for n, d in moved.items() if n not in names) > 1e-3  # adapter and head keep --lr
+
+
+def test_layer_norm_lr_is_refused_when_no_layer_norm_trains(tokenizer, sst2, tmp_path):
+    model, _ = training.apply_method(tiny_bert(tokenizer), get_method("ttlora"), {}, training.ENCODER)
+    with pytest.raises(InputError, match=r"--layer-norm-lr 0.001: this model trains no layer norms"):
+        training.train(model, tokenizer, get_task("sst2"), sst2[0], training.ENCODER,
+                       _settings(lr=1e-2, layer_norm_lr=1e-3), str(tmp_path / "work"))
+
+
 def tiny_regressor(tokenizer):
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

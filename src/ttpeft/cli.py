@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                             + ", ".join(f"{m.name} {m.default_lr:g}" for m in METHODS.values()) + ")")
     hyper.add_argument("--head-lr", type=_positive(float), default=None,
                        help="learning rate of the classification head (default: --lr)")
+    hyper.add_argument("--layer-norm-lr", type=_positive(float), default=None,
+                       help="learning rate of the trained layer norms (loretta_rep / loretta_adp with "
+                            "--train-layernorms true, full; default: --lr)")
     hyper.add_argument("--batch-size", type=_positive(int), default=32,
                        help="examples per step and process (under torchrun / accelerate launch, times the "
                             "number of processes)")
@@ -267,7 +270,7 @@ def _train_and_write(args, argv: list[str], started: float, main_process: bool) 
                                       max_length=args.max_length, seed=args.seed,
                                       warmup_fraction=args.warmup_fraction, weight_decay=args.weight_decay,
                                       progress=not args.no_progress and main_process, precision=args.precision,
-                                      head_lr=args.head_lr)
+                                      head_lr=args.head_lr, layer_norm_lr=args.layer_norm_lr)
     identity = {"task": task.qualified_name, "task_args": task_args, "data": data.source, "model": source.name,
                 "method": method.name, "method_fields": config_fields,
                 "settings": {k: v for k, v in vars(settings).items() if k != "progress"},

@@ -228,6 +228,7 @@ class TrainSettings:
     logging_steps: Optional[int] = None
     precision: str = "fp32"  # autocast dtype; trainable weights stay fp32 either way
     head_lr: Optional[float] = None  # learning rate of the classification head; None: ``lr``
+    layer_norm_lr: Optional[float] = None  # learning rate of trained layer norms (LoRETTA); None: ``lr``
 
 
 def train(model, tokenizer, task: TaskSpec, train_set, family: str, settings: TrainSettings, work_dir: str) -> dict:
@@ -244,6 +245,9 @@ def fit(model, tokenizer, task: TaskSpec, train_set, family: str, settings: Trai
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainingArguments
 
     check_precision(settings.precision)
+    if settings.layer_norm_lr is not None and not layer_norm_parameter_ids(model):
+        raise InputError(f"--layer-norm-lr {settings.layer_norm_lr:g}: this model trains no layer norms; they "
+                         "train with loretta_rep / loretta_adp (--train-layernorms true) and full fine-tuning")
     state = process_state()
     with state.main_process_first():  # one process fills the datasets cache, the others read it
         features = featurize(task, tokenizer, train_set, family, settings.max_length)
@@ -262,7 +266,8 @@ def fit(model, tokenizer, task: TaskSpec, train_set, family: str, settings: Trai
         dataloader_num_workers=0, use_cpu=_cpu_only(),
         bf16=settings.precision == "bf16", fp16=settings.precision == "fp16",
     )
-    trainer_class = _trainer_with_head_lr(Trainer, settings.head_lr) if settings.head_lr else Trainer
+    trainer_class = (_trainer_with_group_lrs(Trainer, settings.head_lr, settings.layer_norm_lr)
+                     if settings.head_lr or settings.layer_norm_lr else Trainer)
     trainer = trainer_class(model=model, args=args, train_dataset=features, data_collator=collator)
     if family == ENCODER:
         # a classification loss is a mean over this process's examples and ignores num_items_in_batch; left
@@ -306,29 +311,46 @@ def is_head_parameter(name: str) -> bool:
     return any(part in HEAD_MODULES for part in name.split("."))
 
 
-def _trainer_with_head_lr(trainer_class, head_lr: float):
-    """The Trainer, its optimizer giving the head's parameters their own learning rate (the scheduler then
-    scales both rates alike)."""
+def layer_norm_parameter_ids(model) -> set[int]:
+    """ids of the trainable parameters of normalisation layers (LayerNorm, RMSNorm, ...; peft's trained copies
+    included)."""
+    from .tuners.loretta_common import is_norm_module
 
-    class HeadLrTrainer(trainer_class):
+    return {id(p) for module in model.modules() if is_norm_module(module)
+            for p in module.parameters(recurse=False) if p.requires_grad}
+
+
+def _trainer_with_group_lrs(trainer_class, head_lr: Optional[float], layer_norm_lr: Optional[float]):
+    """The Trainer, its optimizer giving the head's parameters and the layer norms' their own learning rates
+    (None: the common one; the scheduler then scales every rate alike)."""
+
+    class GroupLrTrainer(trainer_class):
         def create_optimizer(self, model=None):
             optimizer = super().create_optimizer(model)
-            names = {id(p): n for n, p in (model or self.model).named_parameters()}
+            model = model or self.model
+            names = {id(p): n for n, p in model.named_parameters()}
+            norms = layer_norm_parameter_ids(model)
+
+            def rate(p):
+                if head_lr is not None and is_head_parameter(names.get(id(p), "")):
+                    return head_lr
+                if layer_norm_lr is not None and id(p) in norms:
+                    return layer_norm_lr
+                return None
+
             groups = []
             for group in optimizer.param_groups:
-                head, rest = [], []
+                by_rate = {}
                 for p in group["params"]:
-                    (head if is_head_parameter(names.get(id(p), "")) else rest).append(p)
-                if rest:
-                    groups.append({**group, "params": rest})
-                if head:
-                    groups.append({**group, "params": head, "lr": head_lr})
+                    by_rate.setdefault(rate(p), []).append(p)
+                for lr, params in by_rate.items():
+                    groups.append({**group, "params": params, **({"lr": lr} if lr is not None else {})})
             optimizer.param_groups = []
             for group in groups:
                 optimizer.add_param_group(group)
             return optimizer
 
-    return HeadLrTrainer
+    return GroupLrTrainer
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
