@@ -173,6 +173,7 @@ def test_lr_selection_trains_on_a_held_out_train_slice_picks_the_best_and_resume
     trained = pd_column(split / "train.parquet")
     assert len(held_out) == 8 and not held_out & trained  # cb keeps at least 4/5 of its 50 rows for training
     assert held_out | trained == {f"train {i}" for i in range(50)}  # the reported split is never used
+    assert grid.held_out_rows("cb", 0, args) == 8
 
     calls.clear()
     assert grid.choose_lr("cb", "ttlora_10x", 0, args)[0] == pytest.approx(best)
@@ -180,6 +181,8 @@ def test_lr_selection_trains_on_a_held_out_train_slice_picks_the_best_and_resume
     args.holdout_samples = 9
     grid.choose_lr("cb", "ttlora_10x", 0, args)
     assert len(calls) == len(grid.LR_MULTIPLIERS)  # another held-out size is another selection
+    args.holdout_samples = 20
+    assert grid.held_out_rows("cb", 0, args) == 10  # the row records the 1/5 of the train split used
 
 
 def test_on_holdout_runs_report_on_the_held_out_slice_with_their_own_key(tmp_path, monkeypatch):

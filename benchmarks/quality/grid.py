@@ -284,6 +284,14 @@ def holdout_data_dir(task: str, seed: int, args) -> str:
     return str(folder)
 
 
+def held_out_rows(task: str, seed: int, args) -> int:
+    """Rows in the held-out slice actually used (fewer than --holdout-samples on small tasks)."""
+    import pandas as pd
+
+    folder = Path(holdout_data_dir(task, seed, args)) / TASKS[task] / task
+    return len(pd.read_parquet(folder / "validation.parquet"))
+
+
 def choose_lr(task: str, variant: str, seed: int, args) -> tuple[float, dict]:
     method = METHODS[variant][0]
     candidates = [default_lr(method) * m for m in LR_MULTIPLIERS]
@@ -379,7 +387,7 @@ def main(argv=None) -> int:
             if args.lr_grid and variant != "zero_shot":
                 lr, scores = choose_lr(task, variant, seed, args)
                 lr_choice = {"chosen": lr, "held_out_scores": scores,
-                             "held_out_samples": args.holdout_samples, "from": "train split"}
+                             "held_out_samples": held_out_rows(task, seed, args), "from": "train split"}
             key = run_key(task, variant, config, seed)
             out = Path(args.runs_dir) / run_dir_name(task, variant, key, seed)
             results = train_once(task, variant, seed, args, data_dir, out, lr=lr,
