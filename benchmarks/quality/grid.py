@@ -58,6 +58,8 @@ METHODS = {
     # rate by default, which a short run does not survive (README).
     "loretta_rep_noln": ("loretta_rep", ["--train-layernorms", "false"]),
     "loretta_adp_noln": ("loretta_adp", ["--train-layernorms", "false"]),
+    # ... or train at their own, lower rate (LLaMA-family RMSNorm weights are small: README).
+    "loretta_rep_lnlr": ("loretta_rep", ["--layer-norm-lr", "1e-4"]),
     "vera": ("vera", []),
     "fourierft": ("fourierft", []),
     "vblora": ("vblora", []),
@@ -70,7 +72,7 @@ METHODS = {
     "ia3": ("ia3", []),
     "zero_shot": ("zero_shot", []),  # causal LMs: the prompt with no training (`ttpeft eval --model`)
 }
-ABLATIONS = ("ttlora_10x_mid", "ttlora_10x_qkvo", "loretta_rep_noln", "loretta_adp_noln")
+ABLATIONS = ("ttlora_10x_mid", "ttlora_10x_qkvo", "loretta_rep_noln", "loretta_adp_noln", "loretta_rep_lnlr")
 ENCODER_ONLY = ("head", "full")  # a causal LM scores label words and has no classification head
 # the causal-LM grid
 CAUSAL_DEFAULT = ["zero_shot", "lora_r8", "ttlora", "loretta_rep", "loretta_adp",
@@ -86,7 +88,8 @@ METHOD_ALIASES = {"lora": "lora_r8"}
 SECONDS_PER_STEP = {"head": 0.35, "full": 1.4, "lora_r8": 0.75, "lora_r1": 0.75, "ttlora": 0.85,
                     "loretta_rep": 0.9, "loretta_adp": 0.9, "ttlora_10x": 0.85,
                     "loretta_rep_10x": 0.9, "loretta_adp_10x": 0.9, "ttlora_10x_mid": 0.85, "ttlora_10x_qkvo": 0.9,
-                    "loretta_rep_noln": 0.9, "loretta_adp_noln": 0.9, "vera": 0.85, "fourierft": 1.0, "vblora": 0.9,
+                    "loretta_rep_noln": 0.9, "loretta_adp_noln": 0.9, "loretta_rep_lnlr": 0.9,
+                    "vera": 0.85, "fourierft": 1.0, "vblora": 0.9,
                     "fourierft_10x": 1.0, "vblora_10x": 0.9,
                     "tinylora": 0.85, "lokr": 0.85, "ia3": 0.7, "zero_shot": 0.0}
 SECONDS_PER_RUN = 12.0
