@@ -39,6 +39,33 @@ def test_causal_variants_rename_encoder_modules():
     assert extra[extra.index("--target-modules") + 1] == "q_proj,v_proj"
 
 
+def test_causal_variants_rename_the_feed_forward_output_regex():
+    _, extra = grid.method_args("loretta_adp_10x_ffn", causal=True)
+    assert extra[extra.index("--target-modules") + 1] == "down_proj"
+
+
+def minilm_adapter_params(variant: str) -> int:
+    """Trainable parameters of the variant on MiniLM (two labels), classifier head excluded."""
+    from transformers import AutoModelForSequenceClassification
+
+    from ttpeft import training
+    from ttpeft.methods import get_method, method_config_fields
+    from ttpeft.models import minilm_path
+
+    method_name, extra = grid.method_args(variant, causal=False)
+    method = get_method(method_name)
+    fields = method_config_fields(method, vars(build_parser().parse_args(["train", "--method", method_name, *extra])))
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    model, _ = training.apply_method(model, method, fields, training.ENCODER)
+    return training.count_parameters(model)[0] - training.count_head_parameters(model)
+
+
+@pytest.mark.parametrize("variant", [v for v in grid.METHODS if "_10x" in v])
+def test_10x_variants_train_at_most_a_tenth_of_lora_r8_on_minilm(variant):
+    adapter = minilm_adapter_params(variant)
+    assert 0.6 * 7000 < adapter <= minilm_adapter_params("lora_r8") / 10
+
+
 def grid_argv(tmp_path: Path, *more: str) -> list[str]:
     # a data folder without parquet files: step counts come from the known split sizes
     return ["--tasks", "cb,stsb", "--methods", "lora_r8,ttlora_10x", "--seeds", "0,1",

@@ -48,6 +48,10 @@ METHODS = {
     "loretta_rep_10x": ("loretta_rep", ["--param-budget", "7000", "--train-layernorms", "false",
                                         "--tensor-cores", "2"]),
     "loretta_adp_10x": ("loretta_adp", ["--param-budget", "7000", "--train-layernorms", "false"]),
+    # Two adapters per block spend 5,376 of those 7,000 on biases (64 + 384 each), leaving rank-1/2 trains; one
+    # adapter per block, after the feed-forward output (Pfeiffer et al.'s placement), gets rank 4.
+    "loretta_adp_10x_ffn": ("loretta_adp", ["--param-budget", "7000", "--train-layernorms", "false",
+                                            "--target-modules", r".*layer\.\d+\.output\.dense"]),
     # Ablations of TT-LoRA at the 10x budget (run only when named in --methods): a wide middle bond (the
     # rank of dW) between thin outer ones, `48,8 | 8,48` at ranks 2,7,2, 4,992 parameters; the same budget
     # spread over all four attention projections (rank 2).
@@ -70,16 +74,20 @@ METHODS = {
     "tinylora": ("tinylora", []),
     "lokr": ("lokr", []),
     "ia3": ("ia3", []),
+    # IA3 at the same budget: scale the outputs of key, value and the attention output (6 layers x 3 x 384).
+    "ia3_10x": ("ia3", ["--target-modules", "key,value,attention.output.dense"]),
     "zero_shot": ("zero_shot", []),  # causal LMs: the prompt with no training (`ttpeft eval --model`)
 }
-ABLATIONS = ("ttlora_10x_mid", "ttlora_10x_qkvo", "loretta_rep_noln", "loretta_adp_noln", "loretta_rep_lnlr")
+ABLATIONS = ("loretta_adp_10x_ffn", "ttlora_10x_mid", "ttlora_10x_qkvo", "loretta_rep_noln", "loretta_adp_noln",
+             "loretta_rep_lnlr")
 ENCODER_ONLY = ("head", "full")  # a causal LM scores label words and has no classification head
 # the causal-LM grid
 CAUSAL_DEFAULT = ["zero_shot", "lora_r8", "ttlora", "loretta_rep", "loretta_adp",
                   "loretta_rep_noln", "loretta_adp_noln"]
 # The encoder module names in the variants' arguments, renamed for a causal LM (LLaMA family).
 CAUSAL_MODULE_NAMES = {"query,value": "q_proj,v_proj", "query,key,value,attention.output.dense":
-                       "q_proj,k_proj,v_proj,o_proj"}
+                       "q_proj,k_proj,v_proj,o_proj", "key,value,attention.output.dense": "k_proj,v_proj,o_proj",
+                       r".*layer\.\d+\.output\.dense": "down_proj"}
 # Shorthand accepted by --methods: plain "lora" means r=8.
 METHOD_ALIASES = {"lora": "lora_r8"}
 
@@ -87,11 +95,12 @@ METHOD_ALIASES = {"lora": "lora_r8"}
 # model load, evaluation); only for --dry-run when the results file has no rows for the method yet.
 SECONDS_PER_STEP = {"head": 0.35, "full": 1.4, "lora_r8": 0.75, "lora_r1": 0.75, "ttlora": 0.85,
                     "loretta_rep": 0.9, "loretta_adp": 0.9, "ttlora_10x": 0.85,
-                    "loretta_rep_10x": 0.9, "loretta_adp_10x": 0.9, "ttlora_10x_mid": 0.85, "ttlora_10x_qkvo": 0.9,
+                    "loretta_rep_10x": 0.9, "loretta_adp_10x": 0.9, "loretta_adp_10x_ffn": 0.9,
+                    "ttlora_10x_mid": 0.85, "ttlora_10x_qkvo": 0.9,
                     "loretta_rep_noln": 0.9, "loretta_adp_noln": 0.9, "loretta_rep_lnlr": 0.9,
                     "vera": 0.85, "fourierft": 1.0, "vblora": 0.9,
                     "fourierft_10x": 1.0, "vblora_10x": 0.9,
-                    "tinylora": 0.85, "lokr": 0.85, "ia3": 0.7, "zero_shot": 0.0}
+                    "tinylora": 0.85, "lokr": 0.85, "ia3": 0.7, "ia3_10x": 0.7, "zero_shot": 0.0}
 SECONDS_PER_RUN = 12.0
 CAUSAL_SECONDS_PER_STEP = 7.0  # SmolLM2-135M, batch 8, 2 cores (any adapter; the base model dominates)
 CAUSAL_SECONDS_PER_RUN = 240.0  # loading and dequantising the GGUF, scoring every label word
