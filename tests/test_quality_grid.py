@@ -157,6 +157,23 @@ def test_summary_lists_each_held_out_lr_choice_with_the_rate_it_led_to(tmp_path)
     assert "held-out train slice" not in (tmp_path / "summary.md").read_text()
 
 
+def test_summary_of_a_task_subset_averages_over_those_tasks_only(tmp_path):
+    rows = [summary_row("lora_r8", "cb", 0, 0.50, 1000), summary_row("lora_r8", "stsb", 0, 0.90, 1000),
+            summary_row("vera", "cb", 0, 0.70, 100)]  # vera has no stsb run: no average over both tasks
+    source = tmp_path / "results.jsonl"
+    summary.write_markdown(summary.aggregate(rows), rows, tmp_path / "all.md", source)
+    assert "– (missing tasks)" in (tmp_path / "all.md").read_text()
+    subset = summary.select_tasks(rows, "cb", source)
+    summary.write_markdown(summary.aggregate(subset), subset, tmp_path / "cb.md", source)
+    averages = {}  # the first table (the second one lists the target's verdicts)
+    for line in (tmp_path / "cb.md").read_text().splitlines():
+        if line.startswith(("| lora_r8 |", "| vera |")):
+            averages.setdefault(line.split("|")[1].strip(), line.split("|")[-2].strip())
+    assert averages == {"lora_r8": "50.0", "vera": "70.0"}
+    with pytest.raises(SystemExit, match="no runs of rte"):
+        summary.select_tasks(rows, "cb,rte", source)
+
+
 def test_target_needs_both_the_gap_and_the_ratio():
     averages = {"lora_r8": 70.0, "ttlora_10x": 69.2, "loretta_rep_10x": 68.5, "lora_r1": 69.9}
     sizes = {"lora_r8": 10000, "ttlora_10x": 900, "loretta_rep_10x": 900, "lora_r1": 2000}

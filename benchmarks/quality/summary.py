@@ -1,6 +1,7 @@
 """Summary of a quality grid: summary.md (mean ± std over seeds) and one PNG per task.
 
     python benchmarks/quality/summary.py --results benchmarks/quality/results/results.jsonl
+    python benchmarks/quality/summary.py --results ... --tasks sst2,stsb,cb,rte --out-dir ...  # a task subset
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 # Table and legend order; variants not listed here follow in name order.
 VARIANT_ORDER = ["zero_shot", "head", "full", "lora_r8", "lora_r1", "ttlora", "loretta_rep", "loretta_adp", "ttlora_10x",
                  "loretta_rep_10x", "loretta_adp_10x", "vera", "fourierft", "fourierft_10x", "vblora", "vblora_10x",
-                 "tinylora", "lokr", "ia3"]
+                 "tinylora", "lokr", "ia3", "ia3_10x"]
 REFERENCE = "lora_r8"  # the target compares each tensor-train variant with it
 OURS = ("ttlora", "loretta_rep", "loretta_adp", "ttlora_10x", "loretta_rep_10x", "loretta_adp_10x")
 MARKERS = "osD^v<>pP*XhH8d"
@@ -23,6 +25,17 @@ MARKERS = "osD^v<>pP*XhH8d"
 
 def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def select_tasks(rows: list[dict], tasks: Optional[str], source: Path) -> list[dict]:
+    """The rows of the comma-separated ``tasks`` (None: every row)."""
+    if not tasks:
+        return rows
+    wanted = {task.strip() for task in tasks.split(",") if task.strip()}
+    unknown = sorted(wanted - {row["task"] for row in rows})
+    if unknown:
+        raise SystemExit(f"--tasks {tasks}: no runs of {', '.join(unknown)} in {source}")
+    return [row for row in rows if row["task"] in wanted]
 
 
 def variant_rank(name: str):
@@ -213,11 +226,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default=str(HERE / "results" / "results.jsonl"))
     parser.add_argument("--out-dir", default=None, help="default: the results file's folder")
+    parser.add_argument("--tasks", default=None, help="comma-separated tasks to summarise (default: every task "
+                        "in the results file); the average is over these")
     args = parser.parse_args(argv)
     source = Path(args.results)
     out_dir = Path(args.out_dir) if args.out_dir else source.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = read_rows(source)
+    rows = select_tasks(read_rows(source), args.tasks, source)
     if not rows:
         raise SystemExit(f"no runs in {source}")
     cells = aggregate(rows)
