@@ -157,21 +157,28 @@ def test_summary_lists_each_held_out_lr_choice_with_the_rate_it_led_to(tmp_path)
     assert "held-out train slice" not in (tmp_path / "summary.md").read_text()
 
 
-def test_summary_of_a_task_subset_averages_over_those_tasks_only(tmp_path):
+def test_summary_of_a_subset_averages_over_its_tasks_and_seeds_only(tmp_path):
     rows = [summary_row("lora_r8", "cb", 0, 0.50, 1000), summary_row("lora_r8", "stsb", 0, 0.90, 1000),
+            summary_row("lora_r8", "cb", 1, 0.70, 1000),
             summary_row("vera", "cb", 0, 0.70, 100)]  # vera has no stsb run: no average over both tasks
     source = tmp_path / "results.jsonl"
     summary.write_markdown(summary.aggregate(rows), rows, tmp_path / "all.md", source)
     assert "– (missing tasks)" in (tmp_path / "all.md").read_text()
-    subset = summary.select_tasks(rows, "cb", source)
-    summary.write_markdown(summary.aggregate(subset), subset, tmp_path / "cb.md", source)
-    averages = {}  # the first table (the second one lists the target's verdicts)
-    for line in (tmp_path / "cb.md").read_text().splitlines():
-        if line.startswith(("| lora_r8 |", "| vera |")):
-            averages.setdefault(line.split("|")[1].strip(), line.split("|")[-2].strip())
-    assert averages == {"lora_r8": "50.0", "vera": "70.0"}
-    with pytest.raises(SystemExit, match="no runs of rte"):
-        summary.select_tasks(rows, "cb,rte", source)
+
+    def averages(subset: list[dict]) -> dict:
+        summary.write_markdown(summary.aggregate(subset), subset, tmp_path / "subset.md", source)
+        found = {}  # from the first table (the second one lists the target's verdicts)
+        for line in (tmp_path / "subset.md").read_text().splitlines():
+            if line.startswith(("| lora_r8 |", "| vera |")):
+                found.setdefault(line.split("|")[1].strip(), line.split("|")[-2].strip())
+        return found
+
+    assert averages(summary.select_rows(rows, source, tasks="cb")) == {"lora_r8": "60.0", "vera": "70.0"}
+    assert averages(summary.select_rows(rows, source, tasks="cb", seeds="0")) == {"lora_r8": "50.0", "vera": "70.0"}
+    with pytest.raises(SystemExit, match="no runs with task rte"):
+        summary.select_rows(rows, source, tasks="cb,rte")
+    with pytest.raises(SystemExit, match="no runs with seed 2"):
+        summary.select_rows(rows, source, seeds="2")
 
 
 def test_target_needs_both_the_gap_and_the_ratio():

@@ -1,7 +1,7 @@
 """Summary of a quality grid: summary.md (mean ± std over seeds) and one PNG per task.
 
     python benchmarks/quality/summary.py --results benchmarks/quality/results/results.jsonl
-    python benchmarks/quality/summary.py --results ... --tasks sst2,stsb,cb,rte --out-dir ...  # a task subset
+    python benchmarks/quality/summary.py --results ... --tasks sst2,stsb,cb,rte --seeds 0 --out-dir ...  # a subset
 """
 
 from __future__ import annotations
@@ -27,15 +27,17 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def select_tasks(rows: list[dict], tasks: Optional[str], source: Path) -> list[dict]:
-    """The rows of the comma-separated ``tasks`` (None: every row)."""
-    if not tasks:
-        return rows
-    wanted = {task.strip() for task in tasks.split(",") if task.strip()}
-    unknown = sorted(wanted - {row["task"] for row in rows})
-    if unknown:
-        raise SystemExit(f"--tasks {tasks}: no runs of {', '.join(unknown)} in {source}")
-    return [row for row in rows if row["task"] in wanted]
+def select_rows(rows: list[dict], source: Path, tasks: Optional[str] = None, seeds: Optional[str] = None) -> list[dict]:
+    """The rows of the comma-separated ``tasks`` and ``seeds`` (None: all of them)."""
+    for option, key, text in (("--tasks", "task", tasks), ("--seeds", "seed", seeds)):
+        if not text:
+            continue
+        wanted = {part.strip() for part in text.split(",") if part.strip()}
+        unknown = sorted(wanted - {str(row[key]) for row in rows})
+        if unknown:
+            raise SystemExit(f"{option} {text}: no runs with {key} {', '.join(unknown)} in {source}")
+        rows = [row for row in rows if str(row[key]) in wanted]
+    return rows
 
 
 def variant_rank(name: str):
@@ -228,11 +230,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", default=None, help="default: the results file's folder")
     parser.add_argument("--tasks", default=None, help="comma-separated tasks to summarise (default: every task "
                         "in the results file); the average is over these")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds to summarise (default: all)")
     args = parser.parse_args(argv)
     source = Path(args.results)
     out_dir = Path(args.out_dir) if args.out_dir else source.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = select_tasks(read_rows(source), args.tasks, source)
+    rows = select_rows(read_rows(source), source, args.tasks, args.seeds)
     if not rows:
         raise SystemExit(f"no runs in {source}")
     cells = aggregate(rows)
