@@ -209,3 +209,13 @@ def test_compress_and_plan_commands(tmp_path, capsys):
     assert "ttlora: 64 layers" in capsys.readouterr().out
     assert main(["plan", "--model", "llama-2-7b", "--param-budget", "100"]) == 2
     assert "minimum is" in capsys.readouterr().err
+
+
+def test_plan_reads_a_regex_target_as_train_does(capsys):
+    from ttpeft.cli import main
+
+    command = ["plan", "--model", "minilm", "--method", "loretta_adp", "--param-budget", "7000"]
+    assert main(command) == 0
+    assert "loretta_adp: 12 layers" in capsys.readouterr().out
+    assert main(command + ["--target-modules", r".*layer\.\d+\.output\.dense"]) == 0  # FFN outputs only
+    assert "loretta_adp: 6 layers" in capsys.readouterr().out

@@ -101,11 +101,11 @@ def meta_model(name: str):
 
 def run_plan(args) -> dict:
     from .budget import plan_model
+    from .methods import parse_module_names
 
     fields = json.loads(Path(args.method_config).read_text()) if args.method_config else {}
     if args.target_modules:
-        fields["target_modules"] = (args.target_modules if args.target_modules == "all-linear"
-                                    else [n.strip() for n in args.target_modules.split(",") if n.strip()])
+        fields["target_modules"] = parse_module_names(args.target_modules)  # as `train` reads them
     model = meta_model(args.model)
     try:
         plan = plan_model(model, args.method, args.param_budget, **fields)

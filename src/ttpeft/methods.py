@@ -66,7 +66,7 @@ def _yes_no(text: str) -> bool:
 _REGEX_CHARACTERS = set("*+?\\[](){}^$|")
 
 
-def _names(text: str):
+def parse_module_names(text: str):
     """'all-linear', a regex (any regex character: one pattern, matched in full as peft does) or a
     comma-separated list of module name suffixes."""
     if text == "all-linear" or _REGEX_CHARACTERS & set(text):
@@ -90,7 +90,7 @@ class MethodOption:
 
 _PEFT_METHODS = [name for name, m in METHODS.items() if m.config_class]
 METHOD_OPTIONS: tuple[MethodOption, ...] = (
-    MethodOption("--target-modules", _names, "comma-separated module names to adapt, all-linear, "
+    MethodOption("--target-modules", parse_module_names, "comma-separated module names to adapt, all-linear, "
                  "or one regex matched against the full module name",
                  {name: "target_modules" for name in _PEFT_METHODS}),
     MethodOption("--tt-rank", _int_list, "TT rank, or one rank per bond (5,6,5)", {"ttlora": "tt_rank"}),
