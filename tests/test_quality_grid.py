@@ -151,7 +151,8 @@ def test_summary_lists_each_held_out_lr_choice_with_the_rate_it_led_to(tmp_path)
     summary.write_markdown(summary.aggregate(rows), rows, tmp_path / "summary.md", tmp_path / "results.jsonl")
     lines = (tmp_path / "summary.md").read_text().splitlines()
     selected = [line for line in lines if line.startswith("| cb |")]
-    assert selected == ["| cb | ttlora_10x | 0 | 50 | 0.0025: 72.0 / 0.005: 70.0 / 0.01: 74.0 | 0.01 | 70.0 |"]
+    assert selected == ["| cb | ttlora_10x | 0 | 50 | 0.0025: 72.0 / 0.005: 70.0 / 0.01: 74.0 | 0.01 (top) | 70.0 |"]
+    assert "1 of 1 choices are at the top or bottom of the grid" in "\n".join(lines)
     rows.pop()
     summary.write_markdown(summary.aggregate(rows), rows, tmp_path / "summary.md", tmp_path / "results.jsonl")
     assert "held-out train slice" not in (tmp_path / "summary.md").read_text()
@@ -179,6 +180,16 @@ def test_summary_of_a_subset_averages_over_its_tasks_and_seeds_only(tmp_path):
         summary.select_rows(rows, source, tasks="cb,rte")
     with pytest.raises(SystemExit, match="no runs with seed 2"):
         summary.select_rows(rows, source, seeds="2")
+
+
+@pytest.mark.parametrize("scores, chosen, edge", [
+    ({"0.0025": 0.72, "0.005": 0.70, "0.01": 0.74}, 0.01, "top"),
+    ({"0.0025": 0.75, "0.005": 0.70, "0.01": 0.74}, 0.0025, "bottom"),
+    ({"0.0025": 0.70, "0.005": 0.75, "0.01": 0.74}, 0.005, ""),
+    ({"0.0025": 0.60, "0.005": 0.60, "0.01": 0.60}, 0.0025, ""),  # a tie is no evidence beyond the grid
+])
+def test_a_choice_at_the_grid_edge_is_flagged_only_when_strictly_best(scores, chosen, edge):
+    assert summary.grid_edge({"held_out_scores": scores, "chosen": chosen}) == edge
 
 
 def test_target_needs_both_the_gap_and_the_ratio():

@@ -159,15 +159,30 @@ def lr_selection_lines(rows: list[dict]) -> list[str]:
     lines = ["", "Learning rates chosen on the held-out train slice: held-out score at each rate → rate chosen → "
              "validation score (×100).", "", "| task | method | seed | held-out rows | held out | chosen | validation |",
              "|---|---|---|---|---|---|---|"]
+    edges = 0
     for (task, variant, seed), row in sorted(chosen.items(), key=lambda kv: (kv[0][0], variant_rank(kv[0][1]),
                                                                              kv[0][2])):
         selection = row["lr_selection"]
         scores = " / ".join(f"{float(lr):g}: {100 * score:.1f}"
                             for lr, score in sorted(selection["held_out_scores"].items(), key=lambda kv: float(kv[0])))
         value = 100 * row["metrics"][row["headline_metric"]]
+        edge = grid_edge(selection)
+        edges += bool(edge)
         lines.append(f"| {task} | {variant} | {seed} | {selection['held_out_samples']} | {scores} | "
-                     f"{selection['chosen']:g} | {value:.1f} |")
+                     f"{selection['chosen']:g}{f' ({edge})' if edge else ''} | {value:.1f} |")
+    if edges:
+        lines += ["", f"{edges} of {len(chosen)} choices are at the top or bottom of the grid and strictly better "
+                  "than the other rates there: the best rate may lie beyond the grid."]
     return lines
+
+
+def grid_edge(selection: dict) -> str:
+    """'top' or 'bottom' when the chosen rate is the grid's highest or lowest and strictly the best."""
+    scores = {float(lr): score for lr, score in selection["held_out_scores"].items()}
+    chosen = float(selection["chosen"])
+    if len(scores) < 2 or any(score >= scores[chosen] for lr, score in scores.items() if lr != chosen):
+        return ""
+    return "top" if chosen == max(scores) else "bottom" if chosen == min(scores) else ""
 
 
 def plot_task(task: str, cells: dict, out: Path) -> None:
