@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -44,6 +45,7 @@ def test_causal_variants_rename_the_feed_forward_output_regex():
     assert extra[extra.index("--target-modules") + 1] == "down_proj"
 
 
+@functools.cache  # lora_r8's count is the reference of every parametrised case: build it once
 def minilm_adapter_params(variant: str) -> int:
     """Trainable parameters of the variant on MiniLM (two labels), classifier head excluded."""
     from transformers import AutoModelForSequenceClassification
