@@ -249,6 +249,110 @@ def test_lr_selection_trains_on_a_held_out_train_slice_picks_the_best_and_resume
     assert grid.held_out_rows("cb", 0, args) == 10  # the row records the 1/5 of the train split used
 
 
+@pytest.mark.parametrize("scores, beyond", [
+    ({0.01: 0.5, 0.02: 0.6, 0.04: 0.7}, 0.08),  # best at the top: twice the top
+    ({0.01: 0.7, 0.02: 0.6, 0.04: 0.5}, 0.005),  # best at the bottom: half the bottom
+    ({0.01: 0.5, 0.02: 0.7, 0.04: 0.6}, None),  # inside the grid
+    ({0.01: 0.7, 0.02: 0.7, 0.04: 0.5}, None),  # a tie at the bottom is not strictly best
+])
+def test_the_rate_beyond_the_edge_is_tried_only_past_a_strictly_best_edge(scores, beyond):
+    assert grid.rate_beyond_edge(scores) == beyond
+
+
+def fake_held_out_training(peak: float, calls: list):
+    """A train_once whose held-out score falls with the distance (in octaves) from ``peak``."""
+    import math
+
+    def train_once(task, variant, seed, args, data_dir, output_dir, lr=None, **_):
+        calls.append(lr)
+        result = {"method": "ttlora", "model": "minilm", "method_config": {}, "trainable_params": 1,
+                  "total_params": 2, "adapter_bytes": 3, "metrics": {"accuracy": 1.0 - abs(math.log2(lr / peak)) / 10},
+                  "headline_metric": "accuracy", "settings": {"lr": lr}, "train": {"steps": 1, "train_runtime_s": 0.1},
+                  "wall_time_s": 0.2, "num_train_examples": 40, "num_eval_examples": 10, "data": data_dir,
+                  "command": "ttpeft train"}
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "results.json").write_text(json.dumps(result))
+        return result
+
+    return train_once
+
+
+@pytest.mark.parametrize("extend, peak_multiplier, tried, chosen_multiplier", [
+    (0, 8.0, 3, 2.0),  # the plain grid stops at its top
+    (1, 8.0, 4, 4.0),
+    (2, 8.0, 5, 8.0),
+    (2, 4.0, 5, 4.0),  # x8 is tried and is worse: x4 stays
+    (3, 4.0, 5, 4.0),  # ... and the search stops there
+    (2, 0.25, 5, 0.25),  # downwards: x0.25 wins, x0.125 is tried and loses
+])
+def test_lr_extend_walks_past_the_edge_until_the_best_rate_is_inside(tmp_path, monkeypatch, extend, peak_multiplier,
+                                                                      tried, chosen_multiplier):
+    data = tmp_path / "data"
+    write_split(data, "cb", "train", [f"train {i}" for i in range(50)])
+    args = grid.parse_args(grid_argv(tmp_path, "--data-dir", str(data), "--lr-grid", "--lr-extend", str(extend),
+                                     "--runs-dir", str(tmp_path / "runs")))
+    args.causal = False
+    default = grid.default_lr("ttlora")
+    calls = []
+    monkeypatch.setattr(grid, "train_once", fake_held_out_training(default * peak_multiplier, calls))
+    chosen, scores = grid.choose_lr("cb", "ttlora_10x", 0, args)
+    assert len(calls) == tried and len(scores) == tried
+    assert chosen == pytest.approx(default * chosen_multiplier)
+
+
+def test_reuse_from_takes_recorded_held_out_scores_and_copies_a_row_whose_rate_still_wins(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    write_split(data, "cb", "train", [f"train {i}" for i in range(50)])
+    write_split(data, "cb", "validation", [f"reported {i}" for i in range(20)])
+    earlier_path, wide = tmp_path / "earlier.jsonl", tmp_path / "wide.jsonl"
+
+    def argv(methods: str, results: Path, *more: str) -> list[str]:
+        return grid_argv(tmp_path, "--data-dir", str(data), "--tasks", "cb", "--methods", methods, "--seeds", "0",
+                         "--lr-grid", "--runs-dir", str(tmp_path / "runs"), "--results", str(results), *more)
+
+    calls = []
+    # the earlier grid: lora_r8's best rate is inside its grid, ttlora_10x's at the top
+    monkeypatch.setattr(grid, "train_once", fake_held_out_training(grid.default_lr("lora"), calls))
+    assert grid.main(argv("lora_r8", earlier_path)) == 0
+    monkeypatch.setattr(grid, "train_once", fake_held_out_training(grid.default_lr("ttlora") * 4, calls))
+    assert grid.main(argv("ttlora_10x", earlier_path)) == 0
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs" / "lr")  # the earlier selection runs are gone: only their rows remain
+    calls.clear()
+    wider = ("--lr-extend", "2", "--reuse-from", str(earlier_path))
+    assert grid.main(argv("lora_r8,ttlora_10x", wide, *wider)) == 0
+    lora_row, ttlora_row = grid.read_rows(wide)
+    ttlora_default = grid.default_lr("ttlora")
+    # lora_r8: nothing trained, the earlier row copied under the new key; ttlora_10x: x4 and x8 held out, then
+    # the validation run at x4
+    assert calls == pytest.approx([ttlora_default * 4, ttlora_default * 8, ttlora_default * 4])
+    assert lora_row["reused_from"] == str(earlier_path) and lora_row["config"]["lr_extend"] == 2
+    assert lora_row["lr"] == grid.read_rows(earlier_path)[0]["lr"]
+    assert "reused_from" not in ttlora_row and ttlora_row["lr"] == pytest.approx(ttlora_default * 4)
+    assert len(ttlora_row["lr_selection"]["held_out_scores"]) == 5
+    # run again: both are done
+    calls.clear()
+    assert grid.main(argv("lora_r8,ttlora_10x", wide, *wider)) == 0
+    assert calls == [] and len(grid.read_rows(wide)) == 2
+
+
+@pytest.mark.parametrize("more, message", [
+    (["--lr-extend", "2"], "add --lr-grid"),
+    (["--lr-grid", "--lr-extend", "-1"], "extra rates >= 0"),
+    (["--reuse-from", "x.jsonl"], "add --lr-grid"),
+])
+def test_lr_extend_and_reuse_from_refuse_what_they_cannot_do(tmp_path, more, message):
+    with pytest.raises(SystemExit, match=message):
+        grid.main(grid_argv(tmp_path, *more))
+
+
+def test_reuse_from_refuses_the_results_file_itself(tmp_path):
+    with pytest.raises(SystemExit, match="the results file itself"):
+        grid.main(grid_argv(tmp_path, "--data-dir", str(tmp_path), "--lr-grid",
+                            "--reuse-from", str(tmp_path / "results.jsonl")))
+
+
 def test_on_holdout_runs_report_on_the_held_out_slice_with_their_own_key(tmp_path, monkeypatch):
     data = tmp_path / "data"
     write_split(data, "cb", "train", [f"train {i}" for i in range(50)])

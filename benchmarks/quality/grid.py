@@ -5,6 +5,8 @@ config, seed) is already there is skipped, so the grid completes over several si
 
 With --lr-grid, each method's learning rate is first chosen on a slice held out from the TRAIN split
 (the reported validation split is never used for the choice); the chosen value is recorded in the row.
+--lr-extend N keeps walking past the grid's edge while the edge rate is strictly the best (up to N more
+rates); --reuse-from takes the held-out scores an earlier --lr-grid recorded instead of rerunning them.
 
     python benchmarks/quality/grid.py --dry-run
     python benchmarks/quality/grid.py --tasks sst2 --methods lora_r8,ttlora --seeds 0 \
@@ -126,6 +128,13 @@ def parse_args(argv=None):
     parser.add_argument("--max-eval-samples", type=int, default=None)
     parser.add_argument("--lr-grid", action="store_true",
                         help="choose each method's lr on a slice held out from the train split")
+    parser.add_argument("--lr-extend", type=int, default=0, metavar="N",
+                        help="with --lr-grid: while the best held-out rate is the grid's highest (lowest) and strictly "
+                             "better than its neighbour, try the rate twice (half) as large, up to N more rates")
+    parser.add_argument("--reuse-from", default=None, metavar="RESULTS",
+                        help="with --lr-grid: an earlier --lr-grid results file with the same caps; its recorded "
+                             "held-out scores stand for those selection runs, and its row is copied when its rate "
+                             "is still the choice")
     parser.add_argument("--holdout-samples", type=int, default=200,
                         help="size of the held-out train slice used by --lr-grid and --on-holdout")
     parser.add_argument("--on-holdout", action="store_true",
@@ -179,6 +188,7 @@ def run_config(variant: str, args, lr=None) -> dict:
             **({"lr": lr} if lr is not None else {}),
             # only when set, so the keys of earlier rows stay valid
             **({"fixed_lr": args.lr} if args.lr is not None else {}),
+            **({"lr_extend": args.lr_extend} if args.lr_extend and lr is None else {}),
             **({"on_holdout": args.holdout_samples} if args.on_holdout else {})}
 
 
@@ -304,16 +314,23 @@ def held_out_rows(task: str, seed: int, args) -> int:
     return len(pd.read_parquet(folder / "validation.parquet"))
 
 
-def choose_lr(task: str, variant: str, seed: int, args) -> tuple[float, dict]:
+def choose_lr(task: str, variant: str, seed: int, args, recorded: dict | None = None) -> tuple[float, dict]:
+    """Best held-out rate and the score at each rate tried. ``recorded`` (rate as str -> score) holds scores of
+    selection runs an earlier grid made (--reuse-from); those are not run again."""
     method = METHODS[variant][0]
-    candidates = [default_lr(method) * m for m in LR_MULTIPLIERS]
+    recorded = recorded or {}
     data_dir = holdout_data_dir(task, seed, args)
     scores = {}
-    for lr in candidates:
+
+    def score(lr: float) -> None:
         config = {**run_config(variant, args, lr), "holdout_samples": args.holdout_samples}
         out = Path(args.runs_dir) / "lr" / run_dir_name(task, variant, run_key(task, variant, config, seed), seed,
                                                         f"-lr{lr:g}")
         finished = out / "results.json"  # a selection run of an interrupted grid is not run again
+        if str(lr) in recorded:
+            scores[lr] = recorded[str(lr)]
+            print(f"    lr {lr:g}: held-out {scores[lr]:.4f} (recorded)", flush=True)
+            return
         if finished.is_file():
             result = json.loads(finished.read_text())
         else:
@@ -321,8 +338,30 @@ def choose_lr(task: str, variant: str, seed: int, args) -> tuple[float, dict]:
                                 max_train_samples=args.max_train_samples)
         scores[lr] = result["metrics"][result["headline_metric"]]
         print(f"    lr {lr:g}: held-out {result['headline_metric']} {scores[lr]:.4f}", flush=True)
-    best = max(scores, key=scores.get)
-    return best, {str(k): v for k, v in scores.items()}
+
+    for multiplier in LR_MULTIPLIERS:
+        score(default_lr(method) * multiplier)
+    for _ in range(args.lr_extend):
+        beyond = rate_beyond_edge(scores)
+        if beyond is None:
+            break
+        score(beyond)
+    best = max(sorted(scores), key=scores.get)  # ties go to the lower rate
+    return best, {str(k): v for k, v in sorted(scores.items())}
+
+
+def plain_grid_config(config: dict) -> dict:
+    """The config of the same cell searched without --lr-extend (the rows --reuse-from can stand in for)."""
+    return {k: v for k, v in config.items() if k != "lr_extend"}
+
+
+def rate_beyond_edge(scores: dict) -> float | None:
+    """Twice the highest rate (half the lowest) when that rate is strictly the best held-out score, else None."""
+    rates = sorted(scores)
+    best = max(rates, key=scores.get)
+    if any(scores[lr] >= scores[best] for lr in rates if lr != best):
+        return None
+    return best * 2 if best == rates[-1] else best / 2 if best == rates[0] else None
 
 
 def row_from_results(task, variant, config, seed, results, lr_choice=None) -> dict:
@@ -359,8 +398,22 @@ def main(argv=None) -> int:
     if (args.lr_grid or args.on_holdout) and args.data_dir in ("embedded", "hub"):
         flag = "--lr-grid" if args.lr_grid else "--on-holdout"
         sys.exit(f"{flag} needs a parquet --data-dir to cut the held-out train slice from")
+    if args.lr_extend and not args.lr_grid:
+        sys.exit(f"--lr-extend {args.lr_extend} widens the --lr-grid search: add --lr-grid")
+    if args.lr_extend < 0:
+        sys.exit(f"--lr-extend {args.lr_extend} is invalid: give a number of extra rates >= 0")
     if args.lr_grid and (args.lr is not None or args.on_holdout):
         sys.exit("--lr-grid chooses the lr on the held-out slice itself: not with --lr or --on-holdout")
+
+    if args.reuse_from and not args.lr_grid:
+        sys.exit("--reuse-from reads the held-out scores of an earlier --lr-grid: add --lr-grid")
+    earlier = {}
+    if args.reuse_from:  # deterministic runs (fixed seed, CPU): a recorded score is the score a rerun gets
+        if Path(args.reuse_from).resolve() == Path(args.results).resolve():
+            sys.exit(f"--reuse-from {args.reuse_from} is the results file itself: give an earlier grid's file")
+        for row in read_rows(Path(args.reuse_from)):
+            if row.get("lr_selection") and not row.get("reused_from"):
+                earlier[run_key(row["task"], row["variant"], row["config"], row["seed"])] = row
 
     results_path = Path(args.results)
     rows = read_rows(results_path)
@@ -396,20 +449,26 @@ def main(argv=None) -> int:
             lr, lr_choice, data_dir = args.lr, None, args.data_dir
             if args.on_holdout:
                 data_dir = holdout_data_dir(task, seed, args)
+            earlier_row = earlier.get(run_key(task, variant, plain_grid_config(config), seed))
             if args.lr_grid and variant != "zero_shot":
-                lr, scores = choose_lr(task, variant, seed, args)
+                recorded = earlier_row["lr_selection"]["held_out_scores"] if earlier_row else {}
+                lr, scores = choose_lr(task, variant, seed, args, recorded)
                 lr_choice = {"chosen": lr, "held_out_scores": scores,
                              "held_out_samples": held_out_rows(task, seed, args), "from": "train split"}
             key = run_key(task, variant, config, seed)
             out = Path(args.runs_dir) / run_dir_name(task, variant, key, seed)
-            results = train_once(task, variant, seed, args, data_dir, out, lr=lr,
-                                 max_train_samples=args.max_train_samples,
-                                 max_eval_samples=args.max_eval_samples)
+            if earlier_row is not None and earlier_row["lr"] == lr:
+                print(f"  the validation run at lr {lr:g} is in {args.reuse_from}", flush=True)
+                row = {**earlier_row, "config": config, "lr_selection": lr_choice, "reused_from": args.reuse_from}
+            else:
+                results = train_once(task, variant, seed, args, data_dir, out, lr=lr,
+                                     max_train_samples=args.max_train_samples,
+                                     max_eval_samples=args.max_eval_samples)
+                row = row_from_results(task, variant, config, seed, results, lr_choice)
         except RuntimeError as error:  # one broken method must not stop the grid
             failures += 1
             print(f"  failed: {error}", file=sys.stderr, flush=True)
             continue
-        row = row_from_results(task, variant, config, seed, results, lr_choice)
         with results_path.open("a") as handle:  # appended at once: an interrupted grid loses one run at most
             handle.write(json.dumps(row, sort_keys=True) + "\n")
         metric = row["headline_metric"]
