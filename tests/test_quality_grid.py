@@ -337,6 +337,29 @@ def test_reuse_from_takes_recorded_held_out_scores_and_copies_a_row_whose_rate_s
     assert calls == [] and len(grid.read_rows(wide)) == 2
 
 
+def test_lr_from_trains_more_seeds_at_the_rate_the_lowest_seed_chose(tmp_path, monkeypatch):
+    def grid_row(variant: str, seed: int, lr: float, **changed) -> dict:
+        row = finished_row(tmp_path, "cb", variant, seed, lr_grid=True, **changed)
+        return {**row, "lr": lr, "lr_selection": {"chosen": lr, "held_out_scores": {str(lr): 0.9}}}
+
+    earlier = tmp_path / "earlier.jsonl"
+    earlier.write_text("".join(json.dumps(r) + "\n" for r in [
+        grid_row("ttlora_10x", 1, 0.02), grid_row("ttlora_10x", 0, 0.01),
+        grid_row("lora_r8", 0, 0.004, epochs=2.0)]))  # other caps: not this grid's rate
+    calls = []
+    monkeypatch.setattr(grid, "train_once", fake_held_out_training(0.01, calls))
+    argv = grid_argv(tmp_path, "--tasks", "cb", "--methods", "ttlora_10x", "--seeds", "2,3", "--lr-from", str(earlier))
+    assert grid.main(argv) == 0
+    assert calls == [0.01, 0.01]
+    rows = grid.read_rows(tmp_path / "results.jsonl")
+    assert [r["config"]["lr_from"] for r in rows] == [{"lr": 0.01, "seed": 0}] * 2
+    assert [r["lr"] for r in rows] == [0.01, 0.01] and all(r["lr_selection"] is None for r in rows)
+    with pytest.raises(SystemExit, match="no --lr-grid row of cb lora_r8 with these caps"):
+        grid.main(grid_argv(tmp_path, "--tasks", "cb", "--methods", "lora_r8", "--lr-from", str(earlier)))
+    with pytest.raises(SystemExit, match="not with --lr-grid"):
+        grid.main(argv + ["--lr-grid"])
+
+
 @pytest.mark.parametrize("more, message", [
     (["--lr-extend", "2"], "add --lr-grid"),
     (["--lr-grid", "--lr-extend", "-1"], "extra rates >= 0"),

@@ -6,7 +6,8 @@ config, seed) is already there is skipped, so the grid completes over several si
 With --lr-grid, each method's learning rate is first chosen on a slice held out from the TRAIN split
 (the reported validation split is never used for the choice); the chosen value is recorded in the row.
 --lr-extend N keeps walking past the grid's edge while the edge rate is strictly the best (up to N more
-rates); --reuse-from takes the held-out scores an earlier --lr-grid recorded instead of rerunning them.
+rates); --reuse-from takes the held-out scores an earlier --lr-grid recorded instead of rerunning them;
+--lr-from trains further seeds at the rate an earlier --lr-grid chose.
 
     python benchmarks/quality/grid.py --dry-run
     python benchmarks/quality/grid.py --tasks sst2 --methods lora_r8,ttlora --seeds 0 \
@@ -135,6 +136,9 @@ def parse_args(argv=None):
                         help="with --lr-grid: an earlier --lr-grid results file with the same caps; its recorded "
                              "held-out scores stand for those selection runs, and its row is copied when its rate "
                              "is still the choice")
+    parser.add_argument("--lr-from", default=None, metavar="RESULTS",
+                        help="train at the rate an earlier --lr-grid results file chose on its held-out slice for "
+                             "the same task, variant and caps (its lowest seed's choice): more seeds at one lr")
     parser.add_argument("--holdout-samples", type=int, default=200,
                         help="size of the held-out train slice used by --lr-grid and --on-holdout")
     parser.add_argument("--on-holdout", action="store_true",
@@ -350,6 +354,20 @@ def choose_lr(task: str, variant: str, seed: int, args, recorded: dict | None = 
     return best, {str(k): v for k, v in sorted(scores.items())}
 
 
+def rates_chosen_in(path: Path, variants: list[str], args) -> dict:
+    """(task, variant) -> {"lr", "seed"}: the rate an --lr-grid results file chose for the variant run with the
+    same caps, from its lowest seed."""
+    if not path.is_file():
+        sys.exit(f"--lr-from {path}: no such results file")
+    plain = {v: {k: x for k, x in run_config(v, args).items() if k != "lr_grid"} for v in variants}
+    chosen = {}
+    for row in sorted(read_rows(path), key=lambda r: -r["seed"]):  # the lowest seed is written last
+        config = {k: x for k, x in row["config"].items() if k not in ("lr_grid", "lr_extend")}
+        if row.get("lr_selection") and config == plain.get(row["variant"]):
+            chosen[(row["task"], row["variant"])] = {"lr": row["lr"], "seed": row["seed"]}
+    return chosen
+
+
 def plain_grid_config(config: dict) -> dict:
     """The config of the same cell searched without --lr-extend (the rows --reuse-from can stand in for)."""
     return {k: v for k, v in config.items() if k != "lr_extend"}
@@ -405,6 +423,9 @@ def main(argv=None) -> int:
     if args.lr_grid and (args.lr is not None or args.on_holdout):
         sys.exit("--lr-grid chooses the lr on the held-out slice itself: not with --lr or --on-holdout")
 
+    if args.lr_from and (args.lr_grid or args.lr is not None or args.on_holdout):
+        sys.exit("--lr-from takes each rate from an earlier grid: not with --lr-grid, --lr or --on-holdout")
+    chosen_rates = rates_chosen_in(Path(args.lr_from), variants, args) if args.lr_from else {}
     if args.reuse_from and not args.lr_grid:
         sys.exit("--reuse-from reads the held-out scores of an earlier --lr-grid: add --lr-grid")
     earlier = {}
@@ -424,6 +445,10 @@ def main(argv=None) -> int:
         for variant in variants:
             steps = 0 if variant == "zero_shot" else planned_steps(task, args)
             config = run_config(variant, args)
+            if args.lr_from:
+                if (task, variant) not in chosen_rates:
+                    sys.exit(f"--lr-from {args.lr_from}: no --lr-grid row of {task} {variant} with these caps")
+                config["lr_from"] = chosen_rates[(task, variant)]
             for seed in seeds:
                 if run_key(task, variant, config, seed) in done:
                     skipped += 1
@@ -446,7 +471,7 @@ def main(argv=None) -> int:
     for i, (task, variant, seed, config, _, _) in enumerate(plan, 1):
         print(f"[{i}/{len(plan)}] {task} {variant} seed {seed}", flush=True)
         try:
-            lr, lr_choice, data_dir = args.lr, None, args.data_dir
+            lr, lr_choice, data_dir = config.get("lr_from", {}).get("lr", args.lr), None, args.data_dir
             if args.on_holdout:
                 data_dir = holdout_data_dir(task, seed, args)
             earlier_row = earlier.get(run_key(task, variant, plain_grid_config(config), seed))
