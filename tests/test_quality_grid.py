@@ -337,6 +337,18 @@ def test_reuse_from_takes_recorded_held_out_scores_and_copies_a_row_whose_rate_s
     assert calls == [] and len(grid.read_rows(wide)) == 2
 
 
+@pytest.mark.parametrize("recorded, extend, runs", [
+    (None, 2, 4),  # three held-out runs and the validation run
+    ({"0.01": 0.5, "0.02": 0.7, "0.04": 0.6}, 2, 0),  # recorded, inside the grid: the row is copied
+    ({"0.01": 0.5, "0.02": 0.6, "0.04": 0.7}, 2, 2),  # at the edge: one more rate and a validation run
+    ({"0.01": 0.5, "0.02": 0.6, "0.04": 0.7}, 0, 0),
+])
+def test_the_plan_counts_only_the_trainings_a_cell_still_needs(tmp_path, recorded, extend, runs):
+    args = grid.parse_args(grid_argv(tmp_path, "--lr-grid", "--lr-extend", str(extend)))
+    earlier = {"lr_selection": {"held_out_scores": recorded}} if recorded else None
+    assert grid.planned_runs("ttlora_10x", earlier, args) == runs
+
+
 def test_lr_from_trains_more_seeds_at_the_rate_the_lowest_seed_chose(tmp_path, monkeypatch):
     def grid_row(variant: str, seed: int, lr: float, **changed) -> dict:
         row = finished_row(tmp_path, "cb", variant, seed, lr_grid=True, **changed)

@@ -368,6 +368,17 @@ def rates_chosen_in(path: Path, variants: list[str], args) -> dict:
     return chosen
 
 
+def planned_runs(variant: str, earlier_row: dict | None, args) -> int:
+    """Trainings a cell is expected to need: a recorded selection (--reuse-from) costs none unless its best
+    rate is at an edge that --lr-extend walks past (one more held-out run and a validation run, at least)."""
+    if not args.lr_grid or variant == "zero_shot":
+        return 1
+    if earlier_row is None:
+        return len(LR_MULTIPLIERS) + 1
+    scores = {float(lr): score for lr, score in earlier_row["lr_selection"]["held_out_scores"].items()}
+    return 2 if args.lr_extend and rate_beyond_edge(scores) is not None else 0
+
+
 def plain_grid_config(config: dict) -> dict:
     """The config of the same cell searched without --lr-extend (the rows --reuse-from can stand in for)."""
     return {k: v for k, v in config.items() if k != "lr_extend"}
@@ -453,7 +464,7 @@ def main(argv=None) -> int:
                 if run_key(task, variant, config, seed) in done:
                     skipped += 1
                     continue
-                runs = len(LR_MULTIPLIERS) + 1 if args.lr_grid and variant != "zero_shot" else 1
+                runs = planned_runs(variant, earlier.get(run_key(task, variant, plain_grid_config(config), seed)), args)
                 per_run = CAUSAL_SECONDS_PER_RUN if args.causal else SECONDS_PER_RUN
                 estimate = runs * (steps * seconds_per_step(variant, rows, args) + per_run)
                 plan.append((task, variant, seed, config, steps, estimate))
