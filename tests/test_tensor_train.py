@@ -11,7 +11,7 @@ from ttpeft.tensor_train import (
     tt_num_params,
     tt_svd,
 )
-from ttpeft.tt_matrix import thin_factors, tt_matrix_dense
+from ttpeft.tt_matrix import init_tt_matrix_cores, thin_factors, tt_matrix_dense
 
 
 def einsum_dense(cores):
@@ -112,3 +112,23 @@ def test_thin_factors_reproduce_the_dense_tt_matrix():
     assert torch.allclose(row_factor @ col_factor, einsum_dense(tt.cores).reshape(12, 10))
     assert torch.allclose(tt_matrix_dense(tt.cores, 2), to_dense(tt.cores).reshape(12, 10))
     assert contract_cores(tt.cores).shape == (120, 1)
+
+
+def test_zero_init_starts_at_zero_and_every_core_trains_from_the_second_step():
+    torch.manual_seed(0)
+    cores = [c.requires_grad_() for c in init_tt_matrix_cores([16, 24, 24, 16], [1, 3, 3, 3, 1], 2, zero_last=True)]
+    x, target = torch.randn(8, 384), torch.randn(8, 384)
+
+    def step():
+        for core in cores:
+            core.grad = None
+        (x @ tt_matrix_dense(cores, 2) - target).pow(2).mean().backward()
+        return [float(core.grad.abs().max()) for core in cores]
+
+    assert float(tt_matrix_dense(cores, 2).abs().max()) == 0.0
+    first = step()
+    assert first[:-1] == [0.0, 0.0, 0.0] and first[-1] > 0  # as LoRA's A behind B = 0
+    with torch.no_grad():
+        for core in cores:
+            core -= 0.1 * core.grad
+    assert all(g > 0 for g in step())

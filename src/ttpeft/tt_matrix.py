@@ -35,8 +35,8 @@ def init_tt_matrix_cores(shape: Sequence[int], ranks: Sequence[int], num_row_cor
     """Random cores scaled so that ``A`` has LoRA-A-like entries (variance ``1 / (3 in)``, as
     kaiming-uniform with ``a = sqrt(5)``) and the prefix of ``B`` has unit-variance entries.
 
-    With ``zero_last`` the last core is zero, so the matrix is exactly zero but every core still
-    receives a gradient through it at the first step (as LoRA's ``B = 0``).
+    With ``zero_last`` the last core is zero, so the matrix is exactly zero. As with LoRA's ``B = 0``,
+    only that core gets a gradient at the first step; the others follow once it is non-zero.
     """
     in_features = math.prod(shape[:num_row_cores])
     cores = []
