@@ -105,3 +105,21 @@ def test_fp16_on_cuda_trains_with_fp32_cores(tmp_path):
     metrics = training.evaluate(model, tokenizer, task, load_task_data(task, "embedded").validation.select(range(8)),
                                 training.ENCODER, 32, 8, progress=False)
     assert 0.0 <= metrics["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16])
+def test_a_half_precision_checkpoint_trains_a_float32_head(stored, tmp_path):
+    from tiny_models import save_tiny_classifier
+    from transformers import AutoModelForSequenceClassification
+
+    folder = save_tiny_classifier(tmp_path / "fp32")
+    half = tmp_path / "half"
+    AutoModelForSequenceClassification.from_pretrained(folder, **training.float32_weights()).to(stored).save_pretrained(half)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(half)
+    model, _ = training.load_model(training.resolve_model(str(half)), get_task("sst2"), training.ENCODER)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(half), "--task", "sst2", "--method", "ttlora", "--output-dir", str(out),
+                 *SMALL]) == 0
+    saved = load_file(out / "adapter_model.safetensors")
+    assert {t.dtype for name, t in saved.items() if "classifier" in name} == {torch.float32}

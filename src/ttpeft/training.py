@@ -116,14 +116,14 @@ def load_model(source: ModelSource, task: TaskSpec, family: str):
         tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
         if family == CAUSAL_LM:
             check_prompt_task(task)
-            model = AutoModelForCausalLM.from_pretrained(source.path, **source.kwargs())
+            model = AutoModelForCausalLM.from_pretrained(source.path, **source.kwargs(), **float32_weights())
             if source.gguf_file:
                 _forget_gguf_quantization(model)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
                 source.path, num_labels=task.num_labels,
                 problem_type="regression" if task.is_regression else "single_label_classification",
-                **source.kwargs())
+                **source.kwargs(), **float32_weights())
     except InputError:
         raise
     except Exception as error:
@@ -134,6 +134,17 @@ def load_model(source: ModelSource, task: TaskSpec, family: str):
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def float32_weights() -> dict:
+    """from_pretrained's argument for float32 weights whatever the checkpoint stores. transformers 5 loads a
+    half-precision checkpoint in its own dtype, which would train the head (and layer norms, or every weight
+    with --method full) in fp16/bf16; --precision autocasts the compute instead."""
+    import transformers
+    from packaging.version import Version
+
+    name = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {name: torch.float32}
 
 
 def _forget_gguf_quantization(model) -> None:
