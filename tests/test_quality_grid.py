@@ -335,6 +335,11 @@ def test_reuse_from_takes_recorded_held_out_scores_and_copies_a_row_whose_rate_s
     calls.clear()
     assert grid.main(argv("lora_r8,ttlora_10x", wide, *wider)) == 0
     assert calls == [] and len(grid.read_rows(wide)) == 2
+    # an extended file serves as the earlier one too: every rate it tried is recorded, its copies included
+    assert grid.main(argv("lora_r8,ttlora_10x", tmp_path / "wider.jsonl", "--lr-extend", "3",
+                          "--reuse-from", str(wide))) == 0
+    assert calls == [] and [r["lr"] for r in grid.read_rows(tmp_path / "wider.jsonl")] == [r["lr"] for r in
+                                                                                            grid.read_rows(wide)]
 
 
 @pytest.mark.parametrize("recorded, extend, runs", [

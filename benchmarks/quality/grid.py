@@ -444,8 +444,8 @@ def main(argv=None) -> int:
         if Path(args.reuse_from).resolve() == Path(args.results).resolve():
             sys.exit(f"--reuse-from {args.reuse_from} is the results file itself: give an earlier grid's file")
         for row in read_rows(Path(args.reuse_from)):
-            if row.get("lr_selection") and not row.get("reused_from"):
-                earlier[run_key(row["task"], row["variant"], row["config"], row["seed"])] = row
+            if row.get("lr_selection"):
+                earlier[run_key(row["task"], row["variant"], plain_grid_config(row["config"]), row["seed"])] = row
 
     results_path = Path(args.results)
     rows = read_rows(results_path)
