@@ -362,7 +362,7 @@ def rates_chosen_in(path: Path, variants: list[str], args) -> dict:
     plain = {v: {k: x for k, x in run_config(v, args).items() if k != "lr_grid"} for v in variants}
     chosen = {}
     for row in sorted(read_rows(path), key=lambda r: -r["seed"]):  # the lowest seed is written last
-        config = {k: x for k, x in row["config"].items() if k not in ("lr_grid", "lr_extend")}
+        config = {k: x for k, x in plain_grid_config(row["config"]).items() if k != "lr_grid"}
         if row.get("lr_selection") and config == plain.get(row["variant"]):
             chosen[(row["task"], row["variant"])] = {"lr": row["lr"], "seed": row["seed"]}
     return chosen
@@ -464,28 +464,28 @@ def main(argv=None) -> int:
                 if run_key(task, variant, config, seed) in done:
                     skipped += 1
                     continue
-                runs = planned_runs(variant, earlier.get(run_key(task, variant, plain_grid_config(config), seed)), args)
+                earlier_row = earlier.get(run_key(task, variant, plain_grid_config(config), seed))
+                runs = planned_runs(variant, earlier_row, args)
                 per_run = CAUSAL_SECONDS_PER_RUN if args.causal else SECONDS_PER_RUN
                 estimate = runs * (steps * seconds_per_step(variant, rows, args) + per_run)
-                plan.append((task, variant, seed, config, steps, estimate))
+                plan.append((task, variant, seed, config, earlier_row, steps, estimate))
                 total_s += estimate
 
     print(f"{len(plan)} runs to do, {skipped} already in {results_path}; "
           f"estimated {total_s / 3600:.2f} h on this machine's rates")
-    for task, variant, seed, _, steps, estimate in plan:
+    for task, variant, seed, _, _, steps, estimate in plan:
         print(f"  {task:6s} {variant:12s} seed {seed}  {steps:6d} steps  ~{estimate / 60:.1f} min")
     if args.dry_run:
         return 0
 
     results_path.parent.mkdir(parents=True, exist_ok=True)
     failures = 0
-    for i, (task, variant, seed, config, _, _) in enumerate(plan, 1):
+    for i, (task, variant, seed, config, earlier_row, _, _) in enumerate(plan, 1):
         print(f"[{i}/{len(plan)}] {task} {variant} seed {seed}", flush=True)
         try:
             lr, lr_choice, data_dir = config.get("lr_from", {}).get("lr", args.lr), None, args.data_dir
             if args.on_holdout:
                 data_dir = holdout_data_dir(task, seed, args)
-            earlier_row = earlier.get(run_key(task, variant, plain_grid_config(config), seed))
             if args.lr_grid and variant != "zero_shot":
                 recorded = earlier_row["lr_selection"]["held_out_scores"] if earlier_row else {}
                 lr, scores = choose_lr(task, variant, seed, args, recorded)

@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from grid import rate_beyond_edge  # noqa: E402  (the search's own edge rule)
 # Table and legend order; variants not listed here follow in name order.
 VARIANT_ORDER = ["zero_shot", "head", "full", "lora_r8", "lora_r1", "ttlora", "loretta_rep", "loretta_adp", "ttlora_10x",
                  "loretta_rep_10x", "loretta_adp_10x", "vera", "fourierft", "fourierft_10x", "vblora", "vblora_10x",
@@ -177,12 +180,13 @@ def lr_selection_lines(rows: list[dict]) -> list[str]:
 
 
 def grid_edge(selection: dict) -> str:
-    """'top' or 'bottom' when the chosen rate is the grid's highest or lowest and strictly the best."""
+    """'top' or 'bottom' when the chosen rate is the grid's highest or lowest and strictly the best: where
+    `grid.py --lr-extend` would try a further rate."""
     scores = {float(lr): score for lr, score in selection["held_out_scores"].items()}
-    chosen = float(selection["chosen"])
-    if len(scores) < 2 or any(score >= scores[chosen] for lr, score in scores.items() if lr != chosen):
+    if len(scores) < 2:
         return ""
-    return "top" if chosen == max(scores) else "bottom" if chosen == min(scores) else ""
+    beyond = rate_beyond_edge(scores)
+    return "" if beyond is None else "top" if beyond > float(selection["chosen"]) else "bottom"
 
 
 def plot_task(task: str, cells: dict, out: Path) -> None:
