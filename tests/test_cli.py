@@ -92,6 +92,13 @@ def test_target_modules_take_names_or_one_regex(text, expected):
     assert method_config_fields(get_method("loretta_adp"), vars(args), {}) == {"target_modules": expected}
 
 
+def test_normalize_input_option_reaches_the_loretta_adp_config():
+    from ttpeft.methods import get_method, method_config_fields
+
+    args = build_parser().parse_args(["train", "--method", "loretta_adp", "--normalize-input", "true"])
+    assert method_config_fields(get_method("loretta_adp"), vars(args), {}) == {"normalize_input": True}
+
+
 def test_a_regex_target_adapts_only_the_modules_it_matches_in_full():
     from ttpeft.methods import build_peft_config, get_method
     from peft import get_peft_model

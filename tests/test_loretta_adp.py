@@ -102,6 +102,24 @@ def test_merging_is_refused_with_a_clear_error_and_unload_gives_the_base():
     torch.testing.assert_close(logits(unloaded, inputs), base)
 
 
+def test_normalize_input_makes_the_adapter_blind_to_its_input_scale(tmp_path):
+    for normalize, same in ((True, True), (False, False)):
+        model = adp(tiny_llama(), init="reference", normalize_input=normalize)
+        down = model.base_model.model.model.layers[0].mlp.down_proj
+        h = torch.randn(2, 5, 32, dtype=down.get_base_layer().weight.dtype)  # down_proj's output width
+        with torch.no_grad():
+            small, large = down.adapter_output("default", h), down.adapter_output("default", 32 * h)
+        assert torch.allclose(small, large, rtol=1e-2, atol=1e-3) is same
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert reloaded.peft_config["default"].normalize_input is False
+    model = adp(tiny_llama(), init="reference", normalize_input=True)
+    model.save_pretrained(tmp_path / "normalised")
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "normalised")
+    inputs = token_batch()
+    torch.testing.assert_close(logits(reloaded, inputs), logits(model, inputs))
+
+
 def test_learned_scaling_is_a_trained_and_saved_parameter(tmp_path):
     inputs = token_batch()
     model = adp(tiny_llama(), scaling="learned", non_linearity="gelu", train_layernorms=False)
@@ -159,6 +177,7 @@ def test_bfloat16_base_follows_the_base_dtype():
     ({"scaling": "big"}, ["scaling='big'", "'learned'"]),
     ({"init": "bert"}, ["init='bert'", "'zero'"]),
     ({"input_adapter_modules": "gate_proj"}, ["input_adapter_modules", "list of module names"]),
+    ({"normalize_input": "yes"}, ["normalize_input='yes'", "True or False"]),
 ])
 def test_bad_config_values_raise_clear_errors(kwargs, words):
     with pytest.raises(ValueError) as err:

@@ -115,6 +115,8 @@ METHOD_OPTIONS: tuple[MethodOption, ...] = (
     MethodOption("--init", str, "adapter initialisation", {"ttlora": "init", "loretta_rep": "init",
                                                            "loretta_adp": "init"}),
     MethodOption("--non-linearity", str, "adapter activation", {"loretta_adp": "non_linearity"}),
+    MethodOption("--normalize-input", _yes_no, "RMS-normalise the adapter's input (true/false)",
+                 {"loretta_adp": "normalize_input"}),
     MethodOption("--train-layernorms", _yes_no, "also train the layer norms (true/false)",
                  {"loretta_rep": "train_layernorms", "loretta_adp": "train_layernorms"}),
     MethodOption("--tensorised-head", _yes_no, "replace the classifier's hidden dense layer by a TT layer",

@@ -41,6 +41,11 @@ class LorettaAdpConfig(LorettaConfigBase):
         tensor_rank: TT rank of every bond of ``down`` and ``up`` (the paper uses 5).
         non_linearity: a transformers activation name (``ACT2FN``), e.g. ``"relu"`` (the paper's choice).
         scaling: a float, or ``"learned"`` for a trainable scalar per adapter layer (starting at 1).
+        normalize_input: divide the adapter's input by its root mean square over the features (per token, no
+            parameters), so ``down`` sees the same scale at every layer. Off by default, as published. An
+            encoder's FFN outputs can be ~40x larger than its attention outputs (MiniLM: ~180 against ~5 at
+            layer 0); unnormalised, a shared learning rate then moves the adapters on the large outputs ~40x
+            faster.
         dropout: dropout on the adapter's input.
         target_modules: module names or a regex; ``None``: after every ``*.output.dense`` of BERT/RoBERTa/
             DeBERTa blocks, and around ``gate_proj``/``up_proj``/``down_proj`` of LLaMA-family models.
@@ -67,6 +72,7 @@ class LorettaAdpConfig(LorettaConfigBase):
     tensor_rank: int = field(default=5, metadata={"help": "TT rank of the down and up trains."})
     non_linearity: str = field(default="relu", metadata={"help": "Activation name (transformers ACT2FN)."})
     scaling: Union[float, str] = field(default=1.0, metadata={"help": "Adapter output scale, or 'learned'."})
+    normalize_input: bool = field(default=False, metadata={"help": "RMS-normalise the adapter's input."})
     input_adapter_modules: Optional[list[str]] = field(
         default=None, metadata={"help": "Targets whose adapter acts on their input (name suffixes)."}
     )
@@ -86,6 +92,9 @@ class LorettaAdpConfig(LorettaConfigBase):
                              f"{sorted(ACT2FN)}")
         if self.scaling != "learned" and (isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float))):
             raise ValueError(f"LorettaAdpConfig: scaling={self.scaling!r} is invalid; valid: a float or 'learned'")
+        if not isinstance(self.normalize_input, bool):
+            raise ValueError(f"LorettaAdpConfig: normalize_input={self.normalize_input!r} is invalid; valid: True or "
+                             "False")
         if isinstance(self.scaling, int):
             self.scaling = float(self.scaling)
         if self.input_adapter_modules is not None:

@@ -49,7 +49,8 @@ class LorettaAdpLayer(BaseTunerLayer):
     adapter_layer_names = ("loretta_adp_down", "loretta_adp_up", "loretta_adp_down_bias", "loretta_adp_up_bias",
                            "loretta_adp_scale")
     other_param_names = ("loretta_adp_placement", "loretta_adp_width", "loretta_adp_fixed_scale",
-                         "loretta_adp_act", "loretta_adp_dropout", "loretta_adp_contraction")
+                         "loretta_adp_act", "loretta_adp_dropout", "loretta_adp_contraction",
+                         "loretta_adp_normalize_input")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -64,6 +65,7 @@ class LorettaAdpLayer(BaseTunerLayer):
         self.loretta_adp_act = nn.ModuleDict({})
         self.loretta_adp_dropout = nn.ModuleDict({})
         self.loretta_adp_contraction: dict[str, str] = {}
+        self.loretta_adp_normalize_input: dict[str, bool] = {}
         self.factor_cache = FactorCache()
         self._disable_adapters = False
         self.merged_adapters = []
@@ -109,6 +111,7 @@ class LorettaAdpLayer(BaseTunerLayer):
         self.loretta_adp_act[adapter_name] = ACT2FN[config.non_linearity]
         self.loretta_adp_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.loretta_adp_contraction[adapter_name] = config.contraction
+        self.loretta_adp_normalize_input[adapter_name] = config.normalize_input
         self.factor_cache.entries.pop(adapter_name, None)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -128,12 +131,15 @@ class LorettaAdpLayer(BaseTunerLayer):
                 if name in self.loretta_adp_down and self.loretta_adp_contraction[name] != "sequential"]
 
     def adapter_output(self, adapter_name: str, h: torch.Tensor) -> torch.Tensor:
-        """``s * up(act(down(dropout(h))))`` in ``h``'s dtype.
+        """``s * up(act(down(dropout(h))))`` in ``h``'s dtype; ``h / rms(h)`` in place of ``h`` under
+        ``normalize_input``.
 
         down and up are thin (``h x m``, ``m x h``), so "split" and "reconstruct" both apply them as
         built; "sequential" pushes the activations through every core instead.
         """
         h = self.loretta_adp_dropout[adapter_name](h)
+        if self.loretta_adp_normalize_input[adapter_name]:
+            h = h * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(h.dtype)
         sequential = self.loretta_adp_contraction[adapter_name] == "sequential"
         if sequential:
             z = apply_train_sequential(h, core_list(self.loretta_adp_down[adapter_name]), self.loretta_adp_width[adapter_name])
