@@ -405,8 +405,9 @@ def test_on_holdout_runs_report_on_the_held_out_slice_with_their_own_key(tmp_pat
         calls.append((data_dir, lr))
         return {"method": "ttlora", "model": "minilm", "method_config": {}, "trainable_params": 1,
                 "total_params": 2, "adapter_bytes": 3, "metrics": {"accuracy": 0.5}, "headline_metric": "accuracy",
-                "settings": {"lr": lr}, "train": {"steps": 1, "train_runtime_s": 0.1}, "wall_time_s": 0.2,
-                "num_train_examples": 40, "num_eval_examples": 10, "data": data_dir, "command": "ttpeft train"}
+                "settings": {"lr": lr}, "train": {"steps": 1, "train_runtime_s": 0.1, "loss_fell": False},
+                "wall_time_s": 0.2, "num_train_examples": 40, "num_eval_examples": 10, "data": data_dir,
+                "command": "ttpeft train"}
 
     monkeypatch.setattr(grid, "train_once", fake_train_once)
     argv = grid_argv(tmp_path, "--data-dir", str(data), "--tasks", "cb", "--methods", "ttlora_10x", "--seeds", "0",
@@ -418,6 +419,7 @@ def test_on_holdout_runs_report_on_the_held_out_slice_with_their_own_key(tmp_pat
     assert len(held_out) == 8 and held_out <= {f"train {i}" for i in range(50)}  # never the validation split
     [row] = grid.read_rows(tmp_path / "results.jsonl")
     assert row["config"]["on_holdout"] == 8 and row["config"]["fixed_lr"] == 0.02
+    assert row["loss_fell"] is False  # the run's own verdict on whether it learned
     assert "on_holdout" not in grid.run_config("ttlora_10x", plain)  # earlier rows keep their resume keys
     with pytest.raises(SystemExit, match="--lr-grid"):
         grid.main(argv + ["--lr-grid"])

@@ -150,6 +150,28 @@ def test_a_classification_head_keeps_its_initial_bias(tokenizer, sst2, tmp_path)
     assert torch.allclose(model.classifier.bias, before, atol=1e-6)
 
 
+def test_a_run_whose_loss_does_not_fall_says_so(tokenizer, sst2, tmp_path, caplog):
+    flat = _settings(lr=1e-9, epochs=3, batch_size=8, logging_steps=1)
+    with caplog.at_level("WARNING", logger="ttpeft.training"):
+        summary = training.train(tiny_bert(tokenizer), tokenizer, get_task("sst2"), sst2[0], training.ENCODER, flat,
+                                 str(tmp_path / "flat"))
+    assert summary["loss_fell"] is False
+    assert "did not fall" in caplog.text and "lower --lr than 1e-09" in caplog.text
+    caplog.clear()
+    learning = _settings(lr=3e-3, epochs=10, batch_size=8, logging_steps=1)
+    model, _ = training.apply_method(tiny_bert(tokenizer), get_method("full"), {}, training.ENCODER)
+    with caplog.at_level("WARNING", logger="ttpeft.training"):
+        summary = training.train(model, tokenizer, get_task("sst2"), sst2[0], training.ENCODER, learning,
+                                 str(tmp_path / "learning"))
+    assert summary["loss_fell"] is True and "did not fall" not in caplog.text
+
+
+def test_loss_fell_compares_the_first_and_last_thirds_of_the_logged_losses():
+    assert training.loss_fell([1.0, 1.0]) is None
+    assert training.loss_fell([2.0, 2.1, 1.0, 1.0, 2.0, 2.0]) is False  # a dip in the middle is not learning
+    assert training.loss_fell([2.0, 2.0, 1.9, 1.8, 1.0, 1.1]) is True
+
+
 def test_ttlora_options_reach_the_config():
     method = get_method("ttlora")
     fields = method_config_fields(method, {"tt_rank": 3, "tt_shape": [[8, 8], [8, 8]], "r": None},

@@ -407,7 +407,7 @@ def row_from_results(task, variant, config, seed, results, lr_choice=None) -> di
         "adapter_bytes": results["adapter_bytes"], "metrics": results["metrics"],
         "headline_metric": results["headline_metric"], "lr": results["settings"]["lr"],
         "lr_selection": lr_choice, "steps": train["steps"], "train_runtime_s": train["train_runtime_s"],
-        "wall_time_s": results["wall_time_s"], "num_train_examples": results["num_train_examples"],
+        "loss_fell": train.get("loss_fell"), "wall_time_s": results["wall_time_s"], "num_train_examples": results["num_train_examples"],
         "num_eval_examples": results["num_eval_examples"], "data": results["data"],
         "command": results["command"], "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

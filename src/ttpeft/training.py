@@ -7,6 +7,7 @@ or a causal LM that scores label words), wrap it with a method, train, evaluate,
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -27,6 +28,8 @@ from .errors import InputError
 from .methods import Method, build_peft_config
 from .tasks import TaskSpec, compute_metrics
 from .tasks.prompts import answer_log_likelihoods, check_prompt_task, lm_training_features
+
+log = logging.getLogger(__name__)
 
 ENCODER, CAUSAL_LM = "encoder", "causal_lm"
 DEFAULT_MODEL = "minilm"
@@ -297,7 +300,29 @@ def fit(model, tokenizer, task: TaskSpec, train_set, family: str, settings: Trai
                "precision": settings.precision, "distributed": _distributed_kind(trainer)}
     if head_bias is not None:
         summary["head_bias_init"] = head_bias
+    summary["loss_fell"] = loss_fell(losses)
+    if summary["loss_fell"] is False:
+        log.warning("the training loss did not fall (%.4g over the first third of the logged steps, %.4g over the "
+                    "last): the model has not learned the task. A lower --lr than %g, or more steps, may help.",
+                    *third_means(losses), settings.lr)
     return summary, trainer
+
+
+def third_means(losses: list[float]) -> tuple[float, float]:
+    """Mean logged loss over the first and over the last third of the logged steps."""
+    third = max(1, len(losses) // 3)
+    return float(np.mean(losses[:third])), float(np.mean(losses[-third:]))
+
+
+def loss_fell(losses: list[float]) -> Optional[bool]:
+    """Whether the last third of the logged losses is at least 5% below the first (None: under 3 logged).
+
+    A run that never leaves its starting loss (e.g. a regression stuck at the label mean after too large a
+    learning rate) still reports metrics; this says so instead of leaving it to the user to notice."""
+    if len(losses) < 3:
+        return None
+    first, last = third_means(losses)
+    return last < 0.95 * first
 
 
 def start_regression_at_label_mean(model, features) -> Optional[float]:
