@@ -4,7 +4,7 @@ Runs ``ttpeft train`` with the options given and, every ``--every`` steps up to 
 prints on the first 32 STS-B validation pairs: the last logged training loss, the spread of the last
 layer's [CLS] vector across the pairs (norm of its per-dimension std over the norm of its mean; near 0:
 every pair looks the same), the std of the predictions, and for each adapter the norm of its output at
-[CLS] over the norm of the dense output it is added to.
+[CLS] over the norm of the dense output it is added to (whose norms it prints after the first step).
 
     python benchmarks/quality/adp_early_steps.py --lr 0.02 -- --task stsb --method loretta_adp \\
         --param-budget 7000 --train-layernorms false --seed 0 --epochs 3 --batch-size 16 \\
@@ -48,13 +48,13 @@ def main() -> None:
         def on_step_end(self, train_args, state, control, model=None, **_):
             if state.global_step % args.every and state.global_step > 1:
                 return
-            ratios, hooks = [], []
+            ratios, dense_norms, hooks = [], [], []
             for module in model.modules():
                 if isinstance(module, LorettaAdpLinear):
                     def record(layer, inputs, output):
                         dense = layer.base_layer(inputs[0])
-                        ratios.append(float((output - dense)[:, 0].norm(dim=-1).mean()
-                                            / dense[:, 0].norm(dim=-1).mean()))
+                        dense_norms.append(float(dense[:, 0].norm(dim=-1).mean()))
+                        ratios.append(float((output - dense)[:, 0].norm(dim=-1).mean()) / dense_norms[-1])
                     hooks.append(module.register_forward_hook(record))
             model.eval()
             with torch.no_grad():
@@ -62,6 +62,8 @@ def main() -> None:
             model.train()
             for hook in hooks:
                 hook.remove()
+            if state.global_step == 1:
+                print("dense output norm at [CLS] " + " ".join(f"{n:.1f}" for n in dense_norms))
             cls = out.hidden_states[-1][:, 0]
             losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
             print(f"step {state.global_step:3d}  loss {losses[-1] if losses else float('nan'):5.2f}  "

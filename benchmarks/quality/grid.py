@@ -55,8 +55,8 @@ METHODS = {
     # adapter per block, after the feed-forward output (Pfeiffer et al.'s placement), gets rank 4.
     "loretta_adp_10x_ffn": ("loretta_adp", ["--param-budget", "7000", "--train-layernorms", "false",
                                             "--target-modules", r".*layer\.\d+\.output\.dense"]),
-    # The same, RMS-normalising each adapter's input: MiniLM's FFN outputs are ~40x larger than its attention
-    # outputs, so at one learning rate the adapters on them would move ~40x faster (README).
+    # The same, RMS-normalising each adapter's input: MiniLM's FFN outputs are 40-230x larger than its
+    # attention outputs (layers 0-2), so at one learning rate the adapters on them move that much faster (README).
     "loretta_adp_10x_norm": ("loretta_adp", ["--param-budget", "7000", "--train-layernorms", "false",
                                              "--normalize-input", "true"]),
     # Ablations of TT-LoRA at the 10x budget (run only when named in --methods): a wide middle bond (the

@@ -43,9 +43,9 @@ class LorettaAdpConfig(LorettaConfigBase):
         scaling: a float, or ``"learned"`` for a trainable scalar per adapter layer (starting at 1).
         normalize_input: divide the adapter's input by its root mean square over the features (per token, no
             parameters), so ``down`` sees the same scale at every layer. Off by default, as published. An
-            encoder's FFN outputs can be ~40x larger than its attention outputs (MiniLM: ~180 against ~5 at
-            layer 0); unnormalised, a shared learning rate then moves the adapters on the large outputs ~40x
-            faster.
+            encoder's FFN outputs can be far larger than its attention outputs (MiniLM at [CLS]: 194 against
+            4.9 in layer 0, 164 against 0.7 in layer 2); unnormalised, one learning rate then moves the
+            adapters on the large outputs that much faster.
         dropout: dropout on the adapter's input.
         target_modules: module names or a regex; ``None``: after every ``*.output.dense`` of BERT/RoBERTa/
             DeBERTa blocks, and around ``gate_proj``/``up_proj``/``down_proj`` of LLaMA-family models.
