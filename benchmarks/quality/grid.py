@@ -55,8 +55,8 @@ METHODS = {
     # adapter per block, after the feed-forward output (Pfeiffer et al.'s placement), gets rank 4.
     "loretta_adp_10x_ffn": ("loretta_adp", ["--param-budget", "7000", "--train-layernorms", "false",
                                             "--target-modules", r".*layer\.\d+\.output\.dense"]),
-    # The same, RMS-normalising each adapter's input: MiniLM's FFN outputs are 40-230x larger than its
-    # attention outputs (layers 0-2), so at one learning rate the adapters on them move that much faster (README).
+    # The same, RMS-normalising each adapter's input: the dense outputs the adapters sit on differ 40-230x
+    # in size (MiniLM, layers 0-2), and at 2e-2 two adapters take the residual stream over (README).
     "loretta_adp_10x_norm": ("loretta_adp", ["--param-budget", "7000", "--train-layernorms", "false",
                                              "--normalize-input", "true"]),
     # Ablations of TT-LoRA at the 10x budget (run only when named in --methods): a wide middle bond (the
@@ -85,8 +85,8 @@ METHODS = {
     "ia3_10x": ("ia3", ["--target-modules", "key,value,attention.output.dense"]),
     "zero_shot": ("zero_shot", []),  # causal LMs: the prompt with no training (`ttpeft eval --model`)
 }
-ABLATIONS = ("loretta_adp_10x_ffn", "loretta_adp_10x_norm", "ttlora_10x_mid", "ttlora_10x_qkvo", "loretta_rep_noln", "loretta_adp_noln",
-             "loretta_rep_lnlr")
+ABLATIONS = ("loretta_adp_10x_ffn", "loretta_adp_10x_norm", "ttlora_10x_mid", "ttlora_10x_qkvo",
+             "loretta_rep_noln", "loretta_adp_noln", "loretta_rep_lnlr")
 ENCODER_ONLY = ("head", "full")  # a causal LM scores label words and has no classification head
 # the causal-LM grid
 CAUSAL_DEFAULT = ["zero_shot", "lora_r8", "ttlora", "loretta_rep", "loretta_adp",
@@ -407,7 +407,8 @@ def row_from_results(task, variant, config, seed, results, lr_choice=None) -> di
         "adapter_bytes": results["adapter_bytes"], "metrics": results["metrics"],
         "headline_metric": results["headline_metric"], "lr": results["settings"]["lr"],
         "lr_selection": lr_choice, "steps": train["steps"], "train_runtime_s": train["train_runtime_s"],
-        "loss_fell": train.get("loss_fell"), "wall_time_s": results["wall_time_s"], "num_train_examples": results["num_train_examples"],
+        "loss_fell": train.get("loss_fell"), "wall_time_s": results["wall_time_s"],
+        "num_train_examples": results["num_train_examples"],
         "num_eval_examples": results["num_eval_examples"], "data": results["data"],
         "command": results["command"], "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
