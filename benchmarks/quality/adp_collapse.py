@@ -18,6 +18,25 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "src"))
 
 
+def stsb_pair_batch(data_dir: str, pairs: int):
+    """The first ``pairs`` STS-B validation pairs (a DataFrame) and their MiniLM token batch."""
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    from ttpeft.models import minilm_path
+
+    frame = pd.read_parquet(Path(data_dir) / "glue" / "stsb" / "validation.parquet").iloc[:pairs]
+    batch = AutoTokenizer.from_pretrained(minilm_path())(
+        list(frame.sentence1), list(frame.sentence2), truncation=True, max_length=128, padding=True,
+        return_tensors="pt")
+    return frame, batch
+
+
+def cls_spread(cls) -> float:
+    """Norm of the per-dimension std of [CLS] vectors (inputs x hidden) over the norm of their mean."""
+    return float(cls.std(0).norm() / cls.mean(0).norm())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="saved STS-B LoRETTA_adp run folders (results.json + adapter)")
@@ -25,19 +44,15 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=400)
     args = parser.parse_args()
 
-    import pandas as pd
     import torch
     from peft import PeftModel
     from scipy.stats import pearsonr
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     import ttpeft  # noqa: F401  (registers LoRETTA_adp with peft)
     from ttpeft.models import minilm_path
 
-    val = pd.read_parquet(Path(args.data_dir) / "glue" / "stsb" / "validation.parquet").iloc[:args.pairs]
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    batch = tokenizer(list(val.sentence1), list(val.sentence2), truncation=True, max_length=128, padding=True,
-                      return_tensors="pt")
+    val, batch = stsb_pair_batch(args.data_dir, args.pairs)
 
     def measure(folder: str, zeroed: str | None) -> str:
         base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=1)
@@ -49,8 +64,8 @@ def main() -> None:
             out = model(**batch, output_hidden_states=True)
         cls = out.hidden_states[-1][:, 0]
         pred = out.logits[:, 0].numpy()
-        spread = float(cls.std(0).norm() / cls.mean(0).norm())
-        return f"pearson {100 * pearsonr(pred, val.label)[0]:5.1f}  prediction std {pred.std():.3f}  [CLS] spread {spread:.3f}"
+        return (f"pearson {100 * pearsonr(pred, val.label)[0]:5.1f}  prediction std {pred.std():.3f}  "
+                f"[CLS] spread {cls_spread(cls):.3f}")
 
     print(f"first {len(val)} STS-B validation pairs")
     for folder in args.runs:

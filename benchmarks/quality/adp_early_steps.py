@@ -19,6 +19,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from adp_collapse import cls_spread, stsb_pair_batch  # noqa: E402  (the same pairs and spread measure)
 
 
 def main() -> None:
@@ -30,19 +32,14 @@ def main() -> None:
     parser.add_argument("train_args", nargs="+", help="`ttpeft train` options, after --")
     args = parser.parse_args()
 
-    import pandas as pd
     import torch
     import transformers
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import TrainerCallback
 
     from ttpeft.cli import main as ttpeft_main
-    from ttpeft.models import minilm_path
     from ttpeft.tuners.loretta_adp import LorettaAdpLinear
 
-    pairs = pd.read_parquet(Path(args.data_dir) / "glue" / "stsb" / "validation.parquet").iloc[:32]
-    batch = AutoTokenizer.from_pretrained(minilm_path())(
-        list(pairs.sentence1), list(pairs.sentence2), truncation=True, max_length=128, padding=True,
-        return_tensors="pt")
+    _, batch = stsb_pair_batch(args.data_dir, 32)
 
     class Probe(TrainerCallback):
         def on_step_end(self, train_args, state, control, model=None, **_):
@@ -67,7 +64,7 @@ def main() -> None:
             cls = out.hidden_states[-1][:, 0]
             losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
             print(f"step {state.global_step:3d}  loss {losses[-1] if losses else float('nan'):5.2f}  "
-                  f"[CLS] spread {float(cls.std(0).norm() / cls.mean(0).norm()):.3f}  "
+                  f"[CLS] spread {cls_spread(cls):.3f}  "
                   f"prediction std {float(out.logits.std()):.3f}  adapter/dense "
                   + " ".join(f"{r:.2f}" for r in ratios), flush=True)
             if state.global_step >= args.steps:
