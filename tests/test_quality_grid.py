@@ -435,3 +435,23 @@ def pd_column(path: Path) -> set:
     import pandas as pd
 
     return set(pd.read_parquet(path)["premise"])
+
+
+def test_summary_pairs_seeds_and_intervals_the_difference_of_the_task_averages(tmp_path):
+    ours = {0: (0.70, 0.80), 1: (0.60, 0.90), 2: (0.75, 0.85)}  # seed -> (cb, stsb)
+    lora_gap = {0: 0.02, 1: 0.04, 2: 0.00}  # lora_r8 is ahead by this much on both tasks of a seed
+    rows = []
+    for seed, (cb, stsb) in ours.items():
+        rows += [summary_row("ttlora_10x", "cb", seed, cb, 100), summary_row("ttlora_10x", "stsb", seed, stsb, 100),
+                 summary_row("lora_r8", "cb", seed, cb + lora_gap[seed], 1000),
+                 summary_row("lora_r8", "stsb", seed, stsb + lora_gap[seed], 1000)]
+    rows += [summary_row("lora_r8", "cb", 3, 0.10, 1000)]  # seed 3 lacks stsb: not paired
+    mean, low, high, n = summary.paired_difference(rows, "ttlora_10x", "lora_r8", ["cb", "stsb"])
+    assert n == 3 and mean == pytest.approx(-2.0)
+    assert low < -4.0 and 0.0 < high  # three seeds, gaps 0-4 points: the interval spans zero
+    assert summary.paired_difference(rows, "ttlora_10x", "lora_r8", ["cb", "rte"]) is None
+    rows += [summary_row("ia3_10x", t, seed, 0.5, 150) for t in ("cb", "stsb") for seed in ours]
+    summary.write_markdown(summary.aggregate(rows), rows, tmp_path / "summary.md", tmp_path / "results.jsonl")
+    lines = (tmp_path / "summary.md").read_text().splitlines()
+    line = next(x for x in lines if x.startswith("| **ttlora_10x** | lora"))
+    assert "lora_r8: -2.0" in line and "ia3_10x: +26.7" in line

@@ -132,3 +132,21 @@ def test_zero_init_starts_at_zero_and_every_core_trains_from_the_second_step():
         for core in cores:
             core -= 0.1 * core.grad
     assert all(g > 0 for g in step())
+
+
+def test_balanced_init_rescales_the_same_cores_to_one_entry_scale():
+    # The same draws as the default, each random core rescaled to one common scale: the prefix product the
+    # zero core is trained against (so ΔW's first steps) does not change, only the gauge Adam sees.
+    shape, ranks = [24, 16, 16, 24], [1, 3, 3, 3, 1]
+    default = init_tt_matrix_cores(shape, ranks, 2, zero_last=True, generator=torch.Generator().manual_seed(3))
+    balanced = init_tt_matrix_cores(shape, ranks, 2, zero_last=True, generator=torch.Generator().manual_seed(3),
+                                    balanced=True)
+    default_stds = [float(core.std()) for core in default[:-1]]
+    balanced_stds = [float(core.std()) for core in balanced[:-1]]
+    assert max(default_stds) / min(default_stds) > 3  # row cores far smaller than the column core
+    assert max(balanced_stds) / min(balanced_stds) < 1.25
+    for b, d in zip(balanced[:-1], default[:-1]):
+        ratio = b / d
+        assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio))  # a rescaled copy, not new draws
+    assert float(balanced[-1].abs().max()) == 0.0
+    assert torch.allclose(contract_cores(balanced[:-1]), contract_cores(default[:-1]), atol=1e-6)

@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 import ttpeft
 from ttpeft import TTLoraConfig
-from ttpeft.tensor_train import tt_num_params
+from ttpeft.tensor_train import contract_cores, tt_num_params
 from ttpeft.tuners.ttlora import TTLoraLinear
 
 from tiny_models import logits, mlp, tiny_bert, tiny_gpt2, token_batch
@@ -60,6 +60,20 @@ def test_zero_init_starts_at_the_base_model(case):
     base_out = logits(spec["build"](0), inputs)
     model = adapted(case)
     assert torch.allclose(logits(model, inputs), base_out, atol=1e-6)
+
+
+def test_balanced_init_starts_at_the_base_model_in_another_gauge_of_the_same_cores():
+    inputs = CASES["mlp"]["inputs"]()
+    models = {}
+    for init in ("zero", "balanced"):
+        torch.manual_seed(1)
+        models[init] = adapted("mlp", init=init, tt_rank=3)
+    assert torch.allclose(logits(models["balanced"], inputs), logits(mlp(0), inputs), atol=1e-6)
+    zero, balanced = (models[init].base_model.model.lin0.ttlora_cores["default"] for init in ("zero", "balanced"))
+    scales = [float((b / z).flatten()[0]) for b, z in zip(balanced[:-1], zero[:-1])]
+    assert max(scales) / min(scales) > 1.5  # rescaled by different factors, to the same product
+    assert torch.allclose(contract_cores(list(balanced[:-1])), contract_cores(list(zero[:-1])), atol=1e-5)
+    assert train_steps(models["balanced"], inputs)[-1] < train_steps(models["zero"], inputs, steps=1)[0]
 
 
 def test_random_init_moves_away_from_the_base_model(case):

@@ -65,6 +65,10 @@ METHODS = {
     "ttlora_10x_mid": ("ttlora", ["--factors-per-side", "2", "--tt-rank", "2,7,2"]),
     "ttlora_10x_qkvo": ("ttlora", ["--param-budget", "7000", "--factors-per-side", "2",
                                    "--target-modules", "query,key,value,attention.output.dense"]),
+    # The same cores in a balanced gauge: every random core gets one entry scale (the geometric mean of the
+    # default's), so ΔW's statistics are unchanged but Adam, which is not gauge-invariant, moves each core
+    # at the same relative rate.
+    "ttlora_10x_bal": ("ttlora", ["--param-budget", "7000", "--factors-per-side", "2", "--init", "balanced"]),
     # Ablation of the LoRETTA defaults: the layer norms stay frozen. On SmolLM2 they train at the adapters'
     # rate by default, which a short run does not survive (README).
     "loretta_rep_noln": ("loretta_rep", ["--train-layernorms", "false"]),
@@ -85,7 +89,7 @@ METHODS = {
     "ia3_10x": ("ia3", ["--target-modules", "key,value,attention.output.dense"]),
     "zero_shot": ("zero_shot", []),  # causal LMs: the prompt with no training (`ttpeft eval --model`)
 }
-ABLATIONS = ("loretta_adp_10x_ffn", "loretta_adp_10x_norm", "ttlora_10x_mid", "ttlora_10x_qkvo",
+ABLATIONS = ("loretta_adp_10x_ffn", "loretta_adp_10x_norm", "ttlora_10x_mid", "ttlora_10x_qkvo", "ttlora_10x_bal",
              "loretta_rep_noln", "loretta_adp_noln", "loretta_rep_lnlr")
 ENCODER_ONLY = ("head", "full")  # a causal LM scores label words and has no classification head
 # the causal-LM grid
@@ -103,7 +107,7 @@ METHOD_ALIASES = {"lora": "lora_r8"}
 SECONDS_PER_STEP = {"head": 0.35, "full": 1.4, "lora_r8": 0.75, "lora_r1": 0.75, "ttlora": 0.85,
                     "loretta_rep": 0.9, "loretta_adp": 0.9, "ttlora_10x": 0.85,
                     "loretta_rep_10x": 0.9, "loretta_adp_10x": 0.9, "loretta_adp_10x_ffn": 0.9,
-                    "loretta_adp_10x_norm": 0.9, "ttlora_10x_mid": 0.85, "ttlora_10x_qkvo": 0.9,
+                    "loretta_adp_10x_norm": 0.9, "ttlora_10x_mid": 0.85, "ttlora_10x_qkvo": 0.9, "ttlora_10x_bal": 0.85,
                     "loretta_rep_noln": 0.9, "loretta_adp_noln": 0.9, "loretta_rep_lnlr": 0.9,
                     "vera": 0.85, "fourierft": 1.0, "vblora": 0.9,
                     "fourierft_10x": 1.0, "vblora_10x": 0.9,
@@ -407,7 +411,8 @@ def row_from_results(task, variant, config, seed, results, lr_choice=None) -> di
         "adapter_bytes": results["adapter_bytes"], "metrics": results["metrics"],
         "headline_metric": results["headline_metric"], "lr": results["settings"]["lr"],
         "lr_selection": lr_choice, "steps": train["steps"], "train_runtime_s": train["train_runtime_s"],
-        "loss_fell": train.get("loss_fell"), "wall_time_s": results["wall_time_s"],
+        "loss_fell": train.get("loss_fell"), "train_loss": train.get("train_loss"),
+        "wall_time_s": results["wall_time_s"],
         "num_train_examples": results["num_train_examples"],
         "num_eval_examples": results["num_eval_examples"], "data": results["data"],
         "command": results["command"], "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -125,6 +125,7 @@ def write_markdown(cells: dict, rows: list[dict], out: Path, source: Path, has_a
                      f"{'/'.join(f'{b:,}' for b in sizes)} | {'/'.join(f'{lr:g}' for lr in lrs) or '–'} | "
                      + " | ".join(entries) + f" | {average} |")
     lines += target_lines(averages, adapter_sizes)
+    lines += paired_lines(rows, tasks, averages, adapter_sizes)
     lines += lr_selection_lines(rows)
     metrics = {task: next(c["metric"] for (t, _), c in cells.items() if t == task) for task in tasks}
     lines += ["", "Metrics: " + ", ".join(f"{t}: {m}" for t, m in metrics.items())]
@@ -152,6 +153,51 @@ def target_lines(averages: dict, adapter_sizes: dict) -> list[str]:
         name = f"**{variant}**" if variant in OURS else variant
         lines.append(f"| {name} | {gap:+.1f} | {ratio:.1f}x | {met} |")
     return lines
+
+
+def seed_averages(rows: list[dict], variant: str, tasks: list[str]) -> dict:
+    """seed -> the variant's average over ``tasks`` (×100), for the seeds it ran on every task (last row wins)."""
+    values = defaultdict(dict)
+    for row in rows:
+        if row["variant"] == variant:
+            values[row["seed"]][row["task"]] = 100.0 * row["metrics"][row["headline_metric"]]
+    return {seed: statistics.fmean(by_task[t] for t in tasks) for seed, by_task in values.items()
+            if all(t in by_task for t in tasks)}
+
+
+def paired_difference(rows: list[dict], variant: str, other: str, tasks: list[str]) -> Optional[tuple]:
+    """(mean, 95% CI low, high, n) of ``variant``'s average minus ``other``'s, paired by seed (a seed fixes
+    the data order and the head's initialisation for every method); None with fewer than two shared seeds."""
+    from scipy import stats
+
+    mine, theirs = seed_averages(rows, variant, tasks), seed_averages(rows, other, tasks)
+    diffs = [mine[seed] - theirs[seed] for seed in sorted(set(mine) & set(theirs))]
+    if len(diffs) < 2:
+        return None
+    interval = stats.ttest_1samp(diffs, 0.0).confidence_interval(0.95)
+    return statistics.fmean(diffs), float(interval.low), float(interval.high), len(diffs)
+
+
+def paired_lines(rows: list[dict], tasks: list[str], averages: dict, adapter_sizes: dict) -> list[str]:
+    """Each of our variants against LoRA r=8 and against the best other method of at most twice its adapter
+    size, as a mean difference over seeds with a t-interval: whether the seeds resolve the target."""
+    ours = [v for v in sorted(averages, key=variant_rank) if v in OURS and v in adapter_sizes]
+    lines = []
+    for variant in ours:
+        rivals = [v for v in averages if v not in OURS and v != REFERENCE and 0 < adapter_sizes.get(v, 0)
+                  <= 2 * adapter_sizes[variant]]
+        cells = []
+        for other in [REFERENCE] + ([max(rivals, key=averages.get)] if rivals else []):
+            diff = paired_difference(rows, variant, other, tasks)
+            cells.append(f"{other}: {diff[0]:+.1f} [{diff[1]:+.1f}, {diff[2]:+.1f}] (n={diff[3]})" if diff
+                         else f"{other}: –")
+        lines.append(f"| **{variant}** | " + " | ".join(cells + ["–"] * (2 - len(cells))) + " |")
+    if not lines:
+        return []
+    return ["", "Paired by seed: the difference of the average over tasks, mean and 95% t-interval over the seeds "
+            "both ran on every task. Best rival: the highest average among the other methods with at most twice "
+            "the adapter parameters.", "", "| method | − lora_r8 | − best rival at its budget |",
+            "|---|---|---|"] + lines
 
 
 def lr_selection_lines(rows: list[dict]) -> list[str]:

@@ -31,7 +31,7 @@ def tt_matrix_dense(cores: Sequence[torch.Tensor], num_row_cores: int) -> torch.
 
 
 def init_tt_matrix_cores(shape: Sequence[int], ranks: Sequence[int], num_row_cores: int, zero_last: bool,
-                         generator: torch.Generator | None = None) -> list[torch.Tensor]:
+                         generator: torch.Generator | None = None, balanced: bool = False) -> list[torch.Tensor]:
     """Random cores scaled so that ``A`` has LoRA-A-like entries (variance ``1 / (3 in)``, as
     kaiming-uniform with ``a = sqrt(5)``) and the prefix of ``B`` has unit-variance entries.
 
@@ -43,10 +43,13 @@ def init_tt_matrix_cores(shape: Sequence[int], ranks: Sequence[int], num_row_cor
     # Row side: the entries of A are sums over the interior bonds; split the target variance evenly.
     row_interior = math.prod(ranks[1:num_row_cores])
     row_var = (1.0 / (3.0 * in_features) / row_interior) ** (1.0 / num_row_cores)
-    for k in range(len(shape)):
-        r_left, n, r_right = ranks[k], shape[k], ranks[k + 1]
-        std = math.sqrt(row_var) if k < num_row_cores else 1.0 / math.sqrt(r_left)
-        cores.append(torch.randn(r_left, n, r_right, generator=generator) * std)
+    stds = [math.sqrt(row_var) if k < num_row_cores else 1.0 / math.sqrt(ranks[k]) for k in range(len(shape))]
+    if balanced:
+        random_cores = len(shape) - 1 if zero_last else len(shape)
+        common = math.exp(sum(math.log(std) for std in stds[:random_cores]) / random_cores)
+        stds = [common] * len(shape)
+    for k, std in enumerate(stds):
+        cores.append(torch.randn(ranks[k], shape[k], ranks[k + 1], generator=generator) * std)
     if zero_last:
         cores[-1].zero_()
     return cores

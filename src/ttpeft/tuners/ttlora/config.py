@@ -9,7 +9,7 @@ from typing import Literal, Optional, Union
 from ...registration import ensure_peft_type
 from ..config_base import TensorTrainPeftConfig
 
-TTLORA_INITS = ("zero", "random")
+TTLORA_INITS = ("zero", "random", "balanced")
 
 
 @dataclass
@@ -24,8 +24,9 @@ class TTLoraConfig(TensorTrainPeftConfig):
         tt_rank: one rank for every bond, or a per-bond list (``len(tt_shape) - 1`` interior bonds).
         alpha: scale of the update (the published default is 8).
         dropout: dropout on the adapter's input.
-        init: ``"zero"`` (the last core is zero so ΔW = 0 at the start; default) or ``"random"``
-            (every core random, as in the reference code).
+        init: ``"zero"`` (the last core is zero so ΔW = 0 at the start; default), ``"random"`` (every
+            core random, as in the reference code) or ``"balanced"`` (as ``"zero"``, each random core rescaled
+            to one common entry scale: the same ΔW, but Adam moves every core at the same relative rate).
         factors_per_side: how many factors an automatic shape (or a ``param_budget`` plan) splits each of
             in/out features into. Fewer factors give fewer, larger cores at a lower rank for the same
             parameters; they train faster in short runs (benchmarks/quality: 2 beat 3 at a small budget).
@@ -42,7 +43,10 @@ class TTLoraConfig(TensorTrainPeftConfig):
     )
     tt_rank: Union[int, list[int]] = field(default=5, metadata={"help": "TT rank, or one rank per bond."})
     alpha: float = field(default=8.0, metadata={"help": "Scale of ΔW."})
-    init: Literal["zero", "random"] = field(default="zero", metadata={"help": "'zero' (ΔW=0 at start) or 'random'."})
+    init: Literal["zero", "random", "balanced"] = field(
+        default="zero",
+        metadata={"help": "'zero' (ΔW=0 at start), 'random' or 'balanced' ('zero', cores at one scale)."},
+    )
     factors_per_side: int = field(default=3, metadata={"help": "Factors per side for automatic shapes."})
     fan_in_fan_out: bool = field(default=False, metadata={"help": "True for layers storing (in, out) weights."})
 

@@ -71,7 +71,8 @@ class TTLoraLayer(BaseTunerLayer):
         in_factors, out_factors = self.resolve_shape(config, module_name)
         shape = in_factors + out_factors
         ranks = check_ttlora_ranks(shape, config.tt_rank, f"TT-LoRA on {module_name!r}")
-        cores = init_tt_matrix_cores(shape, ranks, len(in_factors), zero_last=config.init == "zero")
+        cores = init_tt_matrix_cores(shape, ranks, len(in_factors), zero_last=config.init in ("zero", "balanced"),
+                                     balanced=config.init == "balanced")
         self.ttlora_cores[adapter_name] = nn.ParameterList([nn.Parameter(core) for core in cores])
         self.ttlora_shape[adapter_name] = (in_factors, out_factors)
         self.ttlora_alpha[adapter_name] = float(config.alpha)
