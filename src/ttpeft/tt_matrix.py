@@ -37,6 +37,8 @@ def init_tt_matrix_cores(shape: Sequence[int], ranks: Sequence[int], num_row_cor
 
     With ``zero_last`` the last core is zero, so the matrix is exactly zero. As with LoRA's ``B = 0``,
     only that core gets a gradient at the first step; the others follow once it is non-zero.
+    With ``balanced`` every random core is drawn at one entry scale, the geometric mean of those above: the
+    same product in another gauge (Adam, whose steps ignore a core's size, then changes each core alike).
     """
     in_features = math.prod(shape[:num_row_cores])
     cores = []
