@@ -58,11 +58,14 @@ def head_params_by_task(rows: list[dict]) -> dict:
     return {row["task"]: row["head_params"] for row in rows if row.get("head_params") is not None}
 
 
+def last_row_per_seed(rows: list[dict]) -> dict:
+    """(task, variant, seed) -> its last row: a rerun of a seed replaces the earlier one."""
+    return {(row["task"], row["variant"], row["seed"]): row for row in rows}
+
+
 def aggregate(rows: list[dict]) -> dict:
     """(task, variant) -> headline metric values, params, lrs, steps. The last row of a seed wins."""
-    by_seed = {}
-    for row in rows:
-        by_seed[(row["task"], row["variant"], row["seed"])] = row
+    by_seed = last_row_per_seed(rows)
     heads = head_params_by_task(rows)
     cells = defaultdict(lambda: {"values": [], "params": [], "lrs": set(), "steps": [], "metric": None,
                                  "adapter_bytes": [], "adapter_params": []})
@@ -158,9 +161,9 @@ def target_lines(averages: dict, adapter_sizes: dict) -> list[str]:
 def seed_averages(rows: list[dict], variant: str, tasks: list[str]) -> dict:
     """seed -> the variant's average over ``tasks`` (×100), for the seeds it ran on every task (last row wins)."""
     values = defaultdict(dict)
-    for row in rows:
-        if row["variant"] == variant:
-            values[row["seed"]][row["task"]] = 100.0 * row["metrics"][row["headline_metric"]]
+    for (task, name, seed), row in last_row_per_seed(rows).items():
+        if name == variant:
+            values[seed][task] = 100.0 * row["metrics"][row["headline_metric"]]
     return {seed: statistics.fmean(by_task[t] for t in tasks) for seed, by_task in values.items()
             if all(t in by_task for t in tasks)}
 
