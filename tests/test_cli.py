@@ -92,6 +92,15 @@ def test_target_modules_take_names_or_one_regex(text, expected):
     assert method_config_fields(get_method("loretta_adp"), vars(args), {}) == {"target_modules": expected}
 
 
+def test_input_adapter_modules_option_reaches_the_loretta_adp_config():
+    from ttpeft.methods import get_method, method_config_fields
+
+    args = build_parser().parse_args(["train", "--method", "loretta_adp", "--target-modules", "intermediate.dense",
+                                      "--input-adapter-modules", "intermediate.dense"])
+    assert method_config_fields(get_method("loretta_adp"), vars(args), {}) == {
+        "target_modules": ["intermediate.dense"], "input_adapter_modules": ["intermediate.dense"]}
+
+
 def test_normalize_input_option_reaches_the_loretta_adp_config():
     from ttpeft.methods import get_method, method_config_fields
 

@@ -115,6 +115,9 @@ METHOD_OPTIONS: tuple[MethodOption, ...] = (
     MethodOption("--init", str, "adapter initialisation", {"ttlora": "init", "loretta_rep": "init",
                                                            "loretta_adp": "init"}),
     MethodOption("--non-linearity", str, "adapter activation", {"loretta_adp": "non_linearity"}),
+    MethodOption("--input-adapter-modules", parse_module_names, "comma-separated targets whose adapter acts on "
+                 "their input, before the layer (default: gate_proj,up_proj on LLaMA-family models, none otherwise)",
+                 {"loretta_adp": "input_adapter_modules"}),
     MethodOption("--normalize-input", _yes_no, "RMS-normalise the adapter's input (true/false)",
                  {"loretta_adp": "normalize_input"}),
     MethodOption("--train-layernorms", _yes_no, "also train the layer norms (true/false)",
