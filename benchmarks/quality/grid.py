@@ -63,7 +63,7 @@ METHODS = {
     # its cores, and under Adam a product of more cores grows faster for one rate.
     "loretta_adp_10x_norm_c4": ("loretta_adp", ["--param-budget", "7000", "--train-layernorms", "false",
                                                 "--normalize-input", "true", "--tensor-cores", "4"]),
-    # The same with a longer lr warm-up (20% of the steps, the grid's 6%): the takeover happens in the
+    # The same with a longer lr warm-up (20% of the steps instead of the grid's 6%): the takeover happens in the
     # first steps at full rate.
     "loretta_adp_10x_norm_wu": ("loretta_adp", ["--param-budget", "7000", "--train-layernorms", "false",
                                                 "--normalize-input", "true", "--warmup-fraction", "0.2"]),
