@@ -34,6 +34,10 @@ TASKS = {"sst2": "glue", "rte": "glue", "stsb": "glue", "cb": "super_glue", "boo
 # Full train-split sizes, used for the time estimate when the parquet files are not at hand.
 TRAIN_SIZES = {"sst2": 67349, "rte": 2490, "stsb": 5749, "cb": 250, "boolq": 9427}
 
+# The LoRETTA methods at the 10x budget (below): the budget, and the layer norms frozen.
+LORETTA_10X = ["--param-budget", "7000", "--train-layernorms", "false"]
+ADP_10X_NORM = [*LORETTA_10X, "--normalize-input", "true"]
+
 # Method variant -> (ttpeft method, extra `ttpeft train` arguments). The variant name is the grid's label.
 METHODS = {
     "head": ("head", []),
@@ -48,33 +52,26 @@ METHODS = {
     # train faster in a short run (README): TT-LoRA splits each side in 2 factors (4 cores at rank 3 instead of
     # 6 at rank 4-5), LoRETTA_rep stores A and B as 2 cores each (instead of 4 at rank 1-2).
     "ttlora_10x": ("ttlora", ["--param-budget", "7000", "--factors-per-side", "2"]),
-    "loretta_rep_10x": ("loretta_rep", ["--param-budget", "7000", "--train-layernorms", "false",
-                                        "--tensor-cores", "2"]),
-    "loretta_adp_10x": ("loretta_adp", ["--param-budget", "7000", "--train-layernorms", "false"]),
+    "loretta_rep_10x": ("loretta_rep", [*LORETTA_10X, "--tensor-cores", "2"]),
+    "loretta_adp_10x": ("loretta_adp", LORETTA_10X),
     # Two adapters per block spend 5,376 of those 7,000 on biases (64 + 384 each), leaving rank-1/2 trains; one
     # adapter per block, after the feed-forward output (Pfeiffer et al.'s placement), gets rank 4.
-    "loretta_adp_10x_ffn": ("loretta_adp", ["--param-budget", "7000", "--train-layernorms", "false",
-                                            "--target-modules", r".*layer\.\d+\.output\.dense"]),
+    "loretta_adp_10x_ffn": ("loretta_adp", [*LORETTA_10X, "--target-modules", r".*layer\.\d+\.output\.dense"]),
     # The same, RMS-normalising each adapter's input: the dense outputs the adapters sit on differ 40-230x
     # in size (MiniLM, layers 0-2), and at 2e-2 two adapters take the residual stream over (README).
-    "loretta_adp_10x_norm": ("loretta_adp", ["--param-budget", "7000", "--train-layernorms", "false",
-                                             "--normalize-input", "true"]),
+    "loretta_adp_10x_norm": ("loretta_adp", ADP_10X_NORM),
     # The same with 4 cores a train instead of 5 (`16,16,12,8`): a rank-1 train is a Kronecker product of
     # its cores, and under Adam a product of more cores grows faster for one rate.
-    "loretta_adp_10x_norm_c4": ("loretta_adp", ["--param-budget", "7000", "--train-layernorms", "false",
-                                                "--normalize-input", "true", "--tensor-cores", "4"]),
+    "loretta_adp_10x_norm_c4": ("loretta_adp", [*ADP_10X_NORM, "--tensor-cores", "4"]),
     # The same with a longer lr warm-up (20% of the steps instead of the grid's 6%): the takeover happens in the
     # first steps at full rate.
-    "loretta_adp_10x_norm_wu": ("loretta_adp", ["--param-budget", "7000", "--train-layernorms", "false",
-                                                "--normalize-input", "true", "--warmup-fraction", "0.2"]),
+    "loretta_adp_10x_norm_wu": ("loretta_adp", [*ADP_10X_NORM, "--warmup-fraction", "0.2"]),
     # The same with a bottleneck of 16 instead of 64: 12 x 48 fewer down-projection biases, so the trains get
     # rank 2 (`8,8,6,16`), 6,900 parameters.
-    "loretta_adp_10x_norm_b16": ("loretta_adp", ["--param-budget", "7000", "--train-layernorms", "false",
-                                                 "--normalize-input", "true", "--bottleneck-size", "16"]),
+    "loretta_adp_10x_norm_b16": ("loretta_adp", [*ADP_10X_NORM, "--bottleneck-size", "16"]),
     # One adapter a block on the feed-forward block's input (the attention block's layer-normed output, one
     # scale in every layer) instead of on two dense outputs whose sizes differ 40-230x: tensor rank 4.
-    "loretta_adp_10x_ffn_in": ("loretta_adp", ["--param-budget", "7000", "--train-layernorms", "false",
-                                               "--target-modules", "intermediate.dense",
+    "loretta_adp_10x_ffn_in": ("loretta_adp", [*LORETTA_10X, "--target-modules", "intermediate.dense",
                                                "--input-adapter-modules", "intermediate.dense"]),
     # Ablations of TT-LoRA at the 10x budget (run only when named in --methods): a wide middle bond (the
     # rank of dW) between thin outer ones, `48,8 | 8,48` at ranks 2,7,2, 4,992 parameters; the same budget
@@ -122,16 +119,10 @@ METHOD_ALIASES = {"lora": "lora_r8"}
 
 # Rough CPU seconds per training step (batch 32, MiniLM, 2 cores) and per-run fixed cost (imports,
 # model load, evaluation); only for --dry-run when the results file has no rows for the method yet.
-SECONDS_PER_STEP = {"head": 0.35, "full": 1.4, "lora_r8": 0.75, "lora_r1": 0.75, "ttlora": 0.85,
-                    "loretta_rep": 0.9, "loretta_adp": 0.9, "ttlora_10x": 0.85,
-                    "loretta_rep_10x": 0.9, "loretta_adp_10x": 0.9, "loretta_adp_10x_ffn": 0.9,
-                    "loretta_adp_10x_norm": 0.9, "loretta_adp_10x_norm_c4": 0.9,
-                    "loretta_adp_10x_norm_wu": 0.9, "loretta_adp_10x_norm_b16": 0.9,
-                    "loretta_adp_10x_ffn_in": 0.9, "ttlora_10x_mid": 0.85, "ttlora_10x_qkvo": 0.9, "ttlora_10x_bal": 0.85,
-                    "loretta_rep_noln": 0.9, "loretta_adp_noln": 0.9, "loretta_rep_lnlr": 0.9,
-                    "vera": 0.85, "fourierft": 1.0, "vblora": 0.9,
-                    "fourierft_10x": 1.0, "vblora_10x": 0.9,
-                    "tinylora": 0.85, "lokr": 0.85, "ia3": 0.7, "ia3_10x": 0.7, "zero_shot": 0.0}
+# Keyed by ttpeft method; a variant named here has its own rate.
+SECONDS_PER_STEP = {"head": 0.35, "full": 1.4, "lora": 0.75, "ttlora": 0.85, "loretta_rep": 0.9,
+                    "loretta_adp": 0.9, "ttlora_10x_qkvo": 0.9, "vera": 0.85, "fourierft": 1.0, "vblora": 0.9,
+                    "tinylora": 0.85, "lokr": 0.85, "ia3": 0.7, "zero_shot": 0.0}
 SECONDS_PER_RUN = 12.0
 CAUSAL_SECONDS_PER_STEP = 7.0  # SmolLM2-135M, batch 8, 2 cores (any adapter; the base model dominates)
 CAUSAL_SECONDS_PER_RUN = 240.0  # loading and dequantising the GGUF, scoring every label word
@@ -264,7 +255,7 @@ def seconds_per_step(variant: str, rows: list[dict], args) -> float:
         return statistics.median(rates)
     if args.causal:
         return CAUSAL_SECONDS_PER_STEP if variant != "zero_shot" else 0.0
-    return SECONDS_PER_STEP[variant]
+    return SECONDS_PER_STEP.get(variant, SECONDS_PER_STEP[METHODS[variant][0]])
 
 
 def run_dir_name(task: str, variant: str, key: str, seed: int, tag: str = "") -> str:
