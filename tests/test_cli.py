@@ -108,6 +108,20 @@ def test_normalize_input_option_reaches_the_loretta_adp_config():
     assert method_config_fields(get_method("loretta_adp"), vars(args), {}) == {"normalize_input": True}
 
 
+def test_layernorm_modules_option_reaches_both_loretta_configs():
+    from ttpeft.cli import build_parser
+    from ttpeft.methods import get_method, method_config_fields
+
+    for method in ("loretta_rep", "loretta_adp"):
+        args = build_parser().parse_args(["train", "--method", method, "--layernorm-modules",
+                                          r".*layer\.\d+\.output\.LayerNorm"])
+        assert method_config_fields(get_method(method), vars(args), {}) == {
+            "layernorm_modules": r".*layer\.\d+\.output\.LayerNorm"}
+    args = build_parser().parse_args(["train", "--method", "loretta_rep", "--layernorm-modules", "a.LayerNorm,b"])
+    assert method_config_fields(get_method("loretta_rep"), vars(args), {}) == {
+        "layernorm_modules": ["a.LayerNorm", "b"]}
+
+
 def test_a_regex_target_adapts_only_the_modules_it_matches_in_full():
     from ttpeft.methods import build_peft_config, get_method
     from peft import get_peft_model

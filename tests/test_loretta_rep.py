@@ -117,6 +117,28 @@ def test_trained_layernorms_are_saved_and_reloaded_in_a_fresh_process(tmp_path):
     assert not any("LayerNorm" in n for n, p in frozen.named_parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("selection", [r".*layer\.\d+\.output\.LayerNorm", ["layer.0.output.LayerNorm",
+                                                                                "layer.1.output.LayerNorm"]])
+def test_layernorm_modules_trains_and_saves_only_the_norms_it_selects(selection, tmp_path):
+    inputs = token_batch()
+    model = rep(tiny_bert(), task_type="SEQ_CLS", layernorm_modules=selection)
+    trained_norms = {n.split(".modules_to_save")[0].removeprefix("base_model.model.")
+                     for n, p in model.named_parameters() if p.requires_grad and "LayerNorm" in n}
+    assert trained_norms == {"bert.encoder.layer.0.output.LayerNorm", "bert.encoder.layer.1.output.LayerNorm"}
+    train_steps(model, inputs)
+    trained = logits(model, inputs)
+    model.save_pretrained(tmp_path / "adapter")
+    torch.save(inputs, tmp_path / "inputs.pt")
+    load_in_fresh_process("tiny_bert", tmp_path / "adapter", tmp_path / "inputs.pt", tmp_path / "out.pt")
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), trained)
+
+
+@pytest.mark.parametrize("selection", [["Norm"], "layer.0.LayerNorm", [], ["output.LayerNorm", 3]])
+def test_layernorm_modules_that_select_no_norm_or_are_malformed_are_refused(selection):
+    with pytest.raises(ValueError, match=r"(LoRETTA_rep|LorettaRepConfig): layernorm_modules=.*(matches none|is invalid)"):
+        rep(tiny_bert(), task_type="SEQ_CLS", layernorm_modules=selection)
+
+
 def test_tensorised_roberta_head_is_trained_saved_and_reloaded(tmp_path):
     inputs = token_batch()
     model = rep(tiny_roberta(), task_type="SEQ_CLS", tensorised_head=True)

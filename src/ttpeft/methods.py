@@ -122,6 +122,9 @@ METHOD_OPTIONS: tuple[MethodOption, ...] = (
                  {"loretta_adp": "normalize_input"}),
     MethodOption("--train-layernorms", _yes_no, "also train the layer norms (true/false)",
                  {"loretta_rep": "train_layernorms", "loretta_adp": "train_layernorms"}),
+    MethodOption("--layernorm-modules", parse_module_names, "with --train-layernorms true, train only these layer "
+                 "norms: comma-separated name suffixes, or one regex matched against the full name",
+                 {"loretta_rep": "layernorm_modules", "loretta_adp": "layernorm_modules"}),
     MethodOption("--tensorised-head", _yes_no, "replace the classifier's hidden dense layer by a TT layer",
                  {"loretta_rep": "tensorised_head", "loretta_adp": "tensorised_head"}),
     MethodOption("--dropout", float, "dropout in the adapter",

@@ -12,7 +12,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
@@ -38,6 +38,9 @@ class LorettaConfigBase(TensorTrainPeftConfig):
         default="zero", metadata={"help": "'zero' (start at the base model) or 'reference' (published init)."}
     )
     train_layernorms: bool = field(default=True, metadata={"help": "Train and save every layer norm."})
+    layernorm_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "With train_layernorms, only these layer norms: name suffixes or one regex "
+                                        "matched against the full name (None: every one)."})
     tensorised_head: bool = field(default=False, metadata={"help": "Replace the head's dense layer by a TT layer."})
     head_tensor_shape: Optional[list[int]] = field(default=None, metadata={"help": "Train shape of the head layer."})
     tensor_cores: Optional[int] = field(
@@ -52,7 +55,19 @@ class LorettaConfigBase(TensorTrainPeftConfig):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{cls_name}: {flag}={getattr(self, flag)!r} is invalid; valid: True or False")
         self.head_tensor_shape = normalise_shape(self.head_tensor_shape, cls_name, "head_tensor_shape")
+        self.layernorm_modules = normalise_module_names(self.layernorm_modules, cls_name, "layernorm_modules")
         check_tensor_cores(self.tensor_cores, cls_name)
+
+
+def normalise_module_names(names, cls_name: str, option: str):
+    """``None``, one regex string, or a non-empty list of module-name suffixes."""
+    if names is None or (isinstance(names, str) and names):
+        return names
+    if isinstance(names, Sequence) and not isinstance(names, (str, bytes)) and names and all(
+            isinstance(n, str) and n for n in names):
+        return list(names)
+    raise ValueError(f"{cls_name}: {option}={names!r} is invalid; valid: None, a regex string, or a list of module "
+                     "name suffixes, e.g. ['output.LayerNorm']")
 
 
 def normalise_shape(shape, cls_name: str, option: str) -> Optional[list[int]]:
@@ -154,8 +169,9 @@ def is_norm_module(module: nn.Module) -> bool:
     return ("Norm" in name or "norm" in name) and any(True for _ in module.parameters(recurse=False))
 
 
-def layer_norm_save_names(model: nn.Module) -> list[str]:
-    """``modules_to_save`` entries that select exactly the model's layer norms.
+def layer_norm_save_names(model: nn.Module, only=None, method: str = "") -> list[str]:
+    """``modules_to_save`` entries that select exactly the model's layer norms (``only``: those whose name
+    matches it, as ``layernorm_modules``).
 
     peft matches these entries as name suffixes, so the short names (``LayerNorm``, ``input_layernorm``,
     ...) are used when they select nothing but norms; otherwise the full module paths.
@@ -169,6 +185,12 @@ def layer_norm_save_names(model: nn.Module) -> list[str]:
         elif is_norm_module(module) and ".original_module" not in key and ".modules_to_save." not in key:
             keys.append(key)
     norm_keys = {k for k in keys if _is_norm_key(model, k)}
+    if only is not None and norm_keys:
+        chosen = {k for k in norm_keys if _name_matches(k, only)}
+        if not chosen:
+            raise ValueError(f"{method}: layernorm_modules={only!r} matches none of the model's layer norms "
+                             f"(e.g. {', '.join(sorted(norm_keys)[:3])}); valid: suffixes or a regex of these names")
+        return sorted(chosen)
     if not norm_keys:
         return []
     leaf_names = sorted({key.rsplit(".", 1)[-1] for key in norm_keys})
@@ -177,6 +199,15 @@ def layer_norm_save_names(model: nn.Module) -> list[str]:
     if selected == norm_keys:
         return leaf_names
     return sorted(norm_keys)
+
+
+def _name_matches(key: str, names) -> bool:
+    """peft's rule for ``target_modules``: a string is a regex matched in full, a list holds name suffixes."""
+    import re
+
+    if isinstance(names, str):
+        return re.fullmatch(names, key) is not None
+    return any(key == name or key.endswith("." + name) for name in names)
 
 
 def _is_norm_key(model: nn.Module, key: str) -> bool:
@@ -236,7 +267,7 @@ def prepare_trainable_extras(config, model: nn.Module, method: str) -> Optional[
         if projection is not None:
             extra.append(projection)
     if config.train_layernorms:
-        extra.extend(layer_norm_save_names(model))
+        extra.extend(layer_norm_save_names(model, config.layernorm_modules, method))
     for name in extra:
         if name not in modules_to_save:
             modules_to_save.append(name)

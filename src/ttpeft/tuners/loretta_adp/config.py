@@ -60,6 +60,8 @@ class LorettaAdpConfig(LorettaConfigBase):
         init: ``"zero"`` (up's last core and biases zero: the model starts at the base model; default) or
             ``"reference"`` (every core random as published, so it does not).
         train_layernorms: train (and save) every layer norm, as in the paper (default True).
+        layernorm_modules: with ``train_layernorms``, only the layer norms these select (name suffixes, or
+            one regex matched against the full name, as ``target_modules``); ``None``: every one.
         tensorised_head / head_tensor_shape: as for LoRETTA_rep.
         modules_to_save: extra modules to train and save (peft semantics).
         param_budget: total parameters of all adapter layers (cores and biases); shapes and one tensor

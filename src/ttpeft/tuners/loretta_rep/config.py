@@ -31,6 +31,8 @@ class LorettaRepConfig(LorettaConfigBase):
         init: ``"zero"`` (A random, B's last core zero: the model starts at the base model; default) or
             ``"reference"`` (every core random as in the published code, so it does not).
         train_layernorms: train (and save) every layer norm, as in the paper (default True).
+        layernorm_modules: with ``train_layernorms``, only the layer norms these select (name suffixes, or
+            one regex matched against the full name, as ``target_modules``); ``None``: every one.
         tensorised_head: replace the classification head's hidden dense layer (BERT/DeBERTa pooler, RoBERTa
             classifier dense) by a trainable TT layer; the final projection is trained too.
         head_tensor_shape: train shape of that layer (published ``(8, 8, 12, 12, 8, 8)`` for 768).
