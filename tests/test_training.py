@@ -75,6 +75,20 @@ def test_every_method_trains_only_its_parameters_and_reloads_identically(method_
     assert again == metrics
 
 
+def test_ln_tuning_trains_every_layer_norm_by_default_and_only_the_selected_ones_when_asked(tokenizer):
+    def trained_norms(fields):
+        model, _ = training.apply_method(tiny_bert(tokenizer), get_method("ln_tuning"), fields, training.ENCODER)
+        names = {n for n, p in model.named_parameters() if p.requires_grad and not training.is_head_parameter(n)}
+        assert all("LayerNorm" in n for n in names)
+        return {n.split(".ln_tuning_layers")[0].removeprefix("base_model.model.") for n in names}
+
+    every = {"bert.embeddings.LayerNorm"} | {f"bert.encoder.layer.{i}.{part}LayerNorm"
+                                               for i in range(2) for part in ("attention.output.", "output.")}
+    assert trained_norms({}) == every
+    assert trained_norms({"target_modules": r".*layer\.\d+\.output\.LayerNorm"}) == {
+        "bert.encoder.layer.0.output.LayerNorm", "bert.encoder.layer.1.output.LayerNorm"}
+
+
 @pytest.mark.parametrize("method_name", ["ttlora", "lora", "head"])
 def test_head_lr_sets_the_classification_heads_rate_alone(method_name, tokenizer, sst2, tmp_path):
     task, method = get_task("sst2"), get_method(method_name)

@@ -105,6 +105,9 @@ METHODS = {
     "ia3": ("ia3", []),
     # IA3 at the same budget: scale the outputs of key, value and the attention output (6 layers x 3 x 384).
     "ia3_10x": ("ia3", ["--target-modules", "key,value,attention.output.dense"]),
+    "ln_tuning": ("ln_tuning", []),  # every layer norm: 9,984 parameters on MiniLM
+    # LN tuning at loretta_rep_10x_ln's norms: the six feed-forward output norms (4,608).
+    "ln_tuning_10x": ("ln_tuning", ["--target-modules", r".*layer\.\d+\.output\.LayerNorm"]),
     "zero_shot": ("zero_shot", []),  # causal LMs: the prompt with no training (`ttpeft eval --model`)
 }
 ABLATIONS = ("loretta_adp_10x_ffn", "loretta_adp_10x_norm", "loretta_adp_10x_norm_c4", "loretta_adp_10x_norm_wu",
@@ -126,7 +129,7 @@ METHOD_ALIASES = {"lora": "lora_r8"}
 # Keyed by ttpeft method; a variant named here has its own rate.
 SECONDS_PER_STEP = {"head": 0.35, "full": 1.4, "lora": 0.75, "ttlora": 0.85, "loretta_rep": 0.9,
                     "loretta_adp": 0.9, "ttlora_10x_qkvo": 0.9, "vera": 0.85, "fourierft": 1.0, "vblora": 0.9,
-                    "tinylora": 0.85, "lokr": 0.85, "ia3": 0.7, "zero_shot": 0.0}
+                    "tinylora": 0.85, "lokr": 0.85, "ia3": 0.7, "ln_tuning": 0.6, "zero_shot": 0.0}
 SECONDS_PER_RUN = 12.0
 CAUSAL_SECONDS_PER_STEP = 7.0  # SmolLM2-135M, batch 8, 2 cores (any adapter; the base model dominates)
 CAUSAL_SECONDS_PER_RUN = 240.0  # loading and dequantising the GGUF, scoring every label word

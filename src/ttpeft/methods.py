@@ -37,6 +37,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     # 2.5e-3 / 5e-3 / 1e-2), so their defaults sit where they train.
     Method("lokr", "LoKr (peft)", ("peft", "LoKrConfig"), 5e-3, "module_dropout"),
     Method("ia3", "IA3 (peft)", ("peft", "IA3Config"), 1e-2),
+    Method("ln_tuning", "LN tuning: train only the layer norms (peft)", ("peft", "LNTuningConfig"), 5e-3),
     Method("full", "full fine-tuning of every weight", None, 5e-5),
     Method("head", "train only the classification head", None, 5e-3),
 )}
@@ -226,13 +227,19 @@ def build_peft_config(method: Method, fields: dict, task_type: str, model):
 
 
 def _default_targets(method: Method, model) -> Optional[list[str]]:
-    """LoRA's targets for methods (LoKr) that have no per-architecture default in peft."""
+    """LoRA's targets for methods (LoKr) that have no per-architecture default in peft; LN tuning's are the
+    model's norms."""
     from peft.utils import constants
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    specific = getattr(constants, f"TRANSFORMERS_MODELS_TO_{method.name.upper()}_TARGET_MODULES_MAPPING", None)
+    mapping_name = method.name.upper().replace("LN_TUNING", "LNTUNING")
+    specific = getattr(constants, f"TRANSFORMERS_MODELS_TO_{mapping_name}_TARGET_MODULES_MAPPING", None)
     if method.config_class[0] == "ttpeft" or (specific and model_type in specific):
         return None
+    if method.name == "ln_tuning":  # peft knows LLaMA-style names only: every norm of the model, by leaf name
+        from .tuners.loretta_common import is_norm_module
+
+        return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if is_norm_module(module)})
     return constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
 
 
