@@ -139,6 +139,11 @@ def test_layernorm_modules_that_select_no_norm_or_are_malformed_are_refused(sele
         rep(tiny_bert(), task_type="SEQ_CLS", layernorm_modules=selection)
 
 
+def test_layernorm_modules_without_trained_layernorms_is_refused():
+    with pytest.raises(ValueError, match=r"LorettaRepConfig: layernorm_modules=.*but train_layernorms=False"):
+        rep(tiny_bert(), task_type="SEQ_CLS", layernorm_modules=["LayerNorm"], train_layernorms=False)
+
+
 def test_tensorised_roberta_head_is_trained_saved_and_reloaded(tmp_path):
     inputs = token_batch()
     model = rep(tiny_roberta(), task_type="SEQ_CLS", tensorised_head=True)

@@ -56,6 +56,9 @@ class LorettaConfigBase(TensorTrainPeftConfig):
                 raise ValueError(f"{cls_name}: {flag}={getattr(self, flag)!r} is invalid; valid: True or False")
         self.head_tensor_shape = normalise_shape(self.head_tensor_shape, cls_name, "head_tensor_shape")
         self.layernorm_modules = normalise_module_names(self.layernorm_modules, cls_name, "layernorm_modules")
+        if self.layernorm_modules is not None and not self.train_layernorms:
+            raise ValueError(f"{cls_name}: layernorm_modules={self.layernorm_modules!r} selects norms to train, but "
+                             "train_layernorms=False; valid: train_layernorms=True, or layernorm_modules=None")
         check_tensor_cores(self.tensor_cores, cls_name)
 
 
