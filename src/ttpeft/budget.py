@@ -298,9 +298,9 @@ def target_layers(tuner, config, model, method: str, skip: Sequence[str] = ()) -
             continue  # the tuner itself reports a target it cannot adapt
         width = None
         if method == "loretta_adp":
-            from .tuners.loretta_adp.model import _matches
+            from .tuners.loretta_common import module_name_matches
 
-            width = in_features if _matches(key, config.input_adapter_modules) else out_features
+            width = in_features if module_name_matches(key, config.input_adapter_modules) else out_features
         layers.append(LayerSpec(key, int(in_features), int(out_features), width))
     return layers
 

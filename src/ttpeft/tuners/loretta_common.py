@@ -189,7 +189,7 @@ def layer_norm_save_names(model: nn.Module, only=None, method: str = "") -> list
             keys.append(key)
     norm_keys = {k for k in keys if _is_norm_key(model, k)}
     if only is not None and norm_keys:
-        chosen = {k for k in norm_keys if _name_matches(k, only)}
+        chosen = {k for k in norm_keys if module_name_matches(k, only)}
         if not chosen:
             raise ValueError(f"{method}: layernorm_modules={only!r} matches none of the model's layer norms "
                              f"(e.g. {', '.join(sorted(norm_keys)[:3])}); valid: suffixes or a regex of these names")
@@ -204,13 +204,14 @@ def layer_norm_save_names(model: nn.Module, only=None, method: str = "") -> list
     return sorted(norm_keys)
 
 
-def _name_matches(key: str, names) -> bool:
-    """peft's rule for ``target_modules``: a string is a regex matched in full, a list holds name suffixes."""
+def module_name_matches(key: str, names) -> bool:
+    """peft's rule for ``target_modules``: a string is a regex matched in full, a list holds name suffixes
+    (None matches nothing)."""
     import re
 
     if isinstance(names, str):
         return re.fullmatch(names, key) is not None
-    return any(key == name or key.endswith("." + name) for name in names)
+    return any(key == name or key.endswith("." + name) for name in names or ())
 
 
 def _is_norm_key(model: nn.Module, key: str) -> bool:
