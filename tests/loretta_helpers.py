@@ -81,3 +81,12 @@ def load_in_fresh_process(builder: str, adapter_dir, inputs_path, out_path) -> N
         torch.save(h.logits(model, torch.load({str(inputs_path)!r})), {str(out_path)!r})
     """)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def logits_after_reload(model, inputs: torch.Tensor, builder: str, tmp_path) -> torch.Tensor:
+    """Save ``model``'s adapter, load it onto ``loretta_helpers.<builder>()`` in a new process, and return the
+    reloaded model's logits for ``inputs``."""
+    model.save_pretrained(tmp_path / "adapter")
+    torch.save(inputs, tmp_path / "inputs.pt")
+    load_in_fresh_process(builder, tmp_path / "adapter", tmp_path / "inputs.pt", tmp_path / "out.pt")
+    return torch.load(tmp_path / "out.pt")

@@ -10,7 +10,7 @@ from ttpeft import LorettaRepConfig
 from ttpeft.tuners.loretta_common import tt_weight
 from ttpeft.tuners.loretta_rep import LorettaRepHead, LorettaRepLinear
 
-from loretta_helpers import load_in_fresh_process, logits, tiny_bert, tiny_roberta, token_batch, train_steps
+from loretta_helpers import logits, logits_after_reload, tiny_bert, tiny_roberta, token_batch, train_steps
 
 
 def rep(model, **kwargs):
@@ -108,10 +108,7 @@ def test_trained_layernorms_are_saved_and_reloaded_in_a_fresh_process(tmp_path):
     norm = model.base_model.model.bert.encoder.layer[0].output.LayerNorm
     assert not torch.equal(norm.modules_to_save["default"].weight, norm.original_module.weight)
     trained = logits(model, inputs)
-    model.save_pretrained(tmp_path / "adapter")
-    torch.save(inputs, tmp_path / "inputs.pt")
-    load_in_fresh_process("tiny_bert", tmp_path / "adapter", tmp_path / "inputs.pt", tmp_path / "out.pt")
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), trained)
+    torch.testing.assert_close(logits_after_reload(model, inputs, "tiny_bert", tmp_path), trained)
     # and without train_layernorms the norms are frozen and not saved
     frozen = rep(tiny_bert(), task_type="SEQ_CLS", train_layernorms=False)
     assert not any("LayerNorm" in n for n, p in frozen.named_parameters() if p.requires_grad)
@@ -127,10 +124,7 @@ def test_layernorm_modules_trains_and_saves_only_the_norms_it_selects(selection,
     assert trained_norms == {"bert.encoder.layer.0.output.LayerNorm", "bert.encoder.layer.1.output.LayerNorm"}
     train_steps(model, inputs)
     trained = logits(model, inputs)
-    model.save_pretrained(tmp_path / "adapter")
-    torch.save(inputs, tmp_path / "inputs.pt")
-    load_in_fresh_process("tiny_bert", tmp_path / "adapter", tmp_path / "inputs.pt", tmp_path / "out.pt")
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), trained)
+    torch.testing.assert_close(logits_after_reload(model, inputs, "tiny_bert", tmp_path), trained)
 
 
 @pytest.mark.parametrize("selection", [["Norm"], "layer.0.LayerNorm", [], ["output.LayerNorm", 3]])
@@ -155,10 +149,7 @@ def test_tensorised_roberta_head_is_trained_saved_and_reloaded(tmp_path):
     assert not any("classifier.dense.base_layer" in n or "classifier.modules_to_save" in n for n in trainable)
     train_steps(model, inputs)
     trained = logits(model, inputs)
-    model.save_pretrained(tmp_path / "adapter")
-    torch.save(inputs, tmp_path / "inputs.pt")
-    load_in_fresh_process("tiny_roberta", tmp_path / "adapter", tmp_path / "inputs.pt", tmp_path / "out.pt")
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), trained)
+    torch.testing.assert_close(logits_after_reload(model, inputs, "tiny_roberta", tmp_path), trained)
     with model.disable_adapter():
         torch.testing.assert_close(logits(model, inputs), logits(tiny_roberta(), inputs))
 
