@@ -122,6 +122,20 @@ def test_layernorm_modules_option_reaches_both_loretta_configs():
         "layernorm_modules": ["a.LayerNorm", "b"]}
 
 
+def test_modules_to_save_option_takes_name_endings_and_refuses_a_pattern(capsys):
+    from ttpeft.cli import build_parser
+    from ttpeft.methods import get_method, method_config_fields
+
+    for method in ("ttlora", "lora", "ia3"):
+        args = build_parser().parse_args(["train", "--method", method, "--modules-to-save",
+                                          "layer.0.output.LayerNorm, layer.1.output.LayerNorm"])
+        assert method_config_fields(get_method(method), vars(args), {}) == {
+            "modules_to_save": ["layer.0.output.LayerNorm", "layer.1.output.LayerNorm"]}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--method", "ttlora", "--modules-to-save", r".*output\.LayerNorm"])
+    assert "matches name endings, not a regex" in capsys.readouterr().err
+
+
 def test_a_regex_target_adapts_only_the_modules_it_matches_in_full():
     from ttpeft.methods import build_peft_config, get_method
     from peft import get_peft_model

@@ -89,6 +89,29 @@ def test_ln_tuning_trains_every_layer_norm_by_default_and_only_the_selected_ones
         "bert.encoder.layer.0.output.LayerNorm", "bert.encoder.layer.1.output.LayerNorm"}
 
 
+@pytest.mark.parametrize("method_name", ["ttlora", "lora"])
+def test_modules_to_save_trains_the_named_norms_which_reload_with_the_adapter(method_name, tokenizer, sst2, tmp_path):
+    task, method = get_task("sst2"), get_method(method_name)
+    fields = {"modules_to_save": ["layer.1.output.LayerNorm"]}
+    model, _ = training.apply_method(tiny_bert(tokenizer), method, fields, training.ENCODER)
+    norms = {n for n, p in model.named_parameters() if p.requires_grad and "LayerNorm" in n}
+    assert norms and all("layer.1.output.LayerNorm.modules_to_save" in n for n in norms)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n in norms}
+    training.train(model, tokenizer, task, sst2[0], training.ENCODER, _settings(lr=1e-2), str(tmp_path / "work"))
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in norms)
+    metrics = training.evaluate(model, tokenizer, task, sst2[1], training.ENCODER, 32, 8, progress=False)
+    training.write_run(tmp_path / "run", model, method, {"metrics": metrics})
+    reloaded = training.load_weights(tiny_bert(tokenizer), method, tmp_path / "run")
+    assert training.evaluate(reloaded, tokenizer, task, sst2[1], training.ENCODER, 32, 8, progress=False) == metrics
+
+
+def test_a_modules_to_save_entry_that_matches_no_module_is_refused(tokenizer):
+    with pytest.raises(InputError, match=r"ttlora: modules_to_save entry 'layer.7.output.LayerNorm' matches no module"):
+        training.apply_method(tiny_bert(tokenizer), get_method("ttlora"),
+                              {"modules_to_save": ["layer.1.output.LayerNorm", "layer.7.output.LayerNorm"]},
+                              training.ENCODER)
+
+
 @pytest.mark.parametrize("method_name", ["ttlora", "lora", "head"])
 def test_head_lr_sets_the_classification_heads_rate_alone(method_name, tokenizer, sst2, tmp_path):
     task, method = get_task("sst2"), get_method(method_name)

@@ -58,6 +58,9 @@ METHODS = {
     # one trains the six feed-forward output norms (4,608) and rank-1 trains (2,688): 7,296 in all, 10.1x.
     "loretta_rep_10x_ln": ("loretta_rep", ["--param-budget", "2688", "--tensor-cores", "2",
                                            "--layernorm-modules", r".*layer\.\d+\.output\.LayerNorm"]),
+    # TT-LoRA with the same six norms (its paper trains none; peft's modules_to_save): rank-2 trains, 2,688.
+    "ttlora_10x_ln": ("ttlora", ["--param-budget", "2688", "--factors-per-side", "2",
+                                 "--modules-to-save", ",".join(f"layer.{i}.output.LayerNorm" for i in range(6))]),
     # Two adapters per block spend 5,376 of those 7,000 on biases (64 + 384 each), leaving rank-1/2 trains; one
     # adapter per block, after the feed-forward output (Pfeiffer et al.'s placement), gets rank 4.
     "loretta_adp_10x_ffn": ("loretta_adp", [*LORETTA_10X, "--target-modules", r".*layer\.\d+\.output\.dense"]),

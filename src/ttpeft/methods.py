@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from argparse import ArgumentTypeError  # argparse shows its message as written
 import importlib
 import json
 from dataclasses import dataclass
@@ -75,6 +76,17 @@ def parse_module_names(text: str):
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+def parse_suffix_list(text: str) -> list[str]:
+    """A comma-separated list of module name suffixes (peft's ``modules_to_save`` takes no regex)."""
+    if _REGEX_CHARACTERS & set(text):
+        raise ArgumentTypeError(f"expected comma-separated module name suffixes, got the pattern {text!r} "
+                         "(modules_to_save matches name endings, not a regex)")
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ArgumentTypeError(f"expected at least one module name, got {text!r}")
+    return names
+
+
 @dataclass(frozen=True)
 class MethodOption:
     """One CLI option and the config field it sets for each method that has it."""
@@ -94,6 +106,9 @@ METHOD_OPTIONS: tuple[MethodOption, ...] = (
     MethodOption("--target-modules", parse_module_names, "comma-separated module names to adapt, all-linear, "
                  "or one regex matched against the full module name",
                  {name: "target_modules" for name in _PEFT_METHODS}),
+    MethodOption("--modules-to-save", parse_suffix_list, "comma-separated modules trained in full and saved "
+                 "with the adapter (peft's modules_to_save: name suffixes, e.g. layer norms)",
+                 {name: "modules_to_save" for name in _PEFT_METHODS}),
     MethodOption("--tt-rank", _int_list, "TT rank, or one rank per bond (5,6,5)", {"ttlora": "tt_rank"}),
     MethodOption("--tt-shape", _tt_shape, "TT shape 'in factors|out factors', e.g. 8,8,6|6,8,8",
                  {"ttlora": "tt_shape"}),
@@ -216,6 +231,7 @@ def build_peft_config(method: Method, fields: dict, task_type: str, model):
         fields["vector_length"] = _vblora_vector_length(model)
     if method.name == "ia3" and "feedforward_modules" not in fields and isinstance(fields.get("target_modules"), list):
         fields["feedforward_modules"] = []
+    _check_modules_to_save(method, fields.get("modules_to_save"), model)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(fields) - known)
     if unknown:
@@ -224,6 +240,19 @@ def build_peft_config(method: Method, fields: dict, task_type: str, model):
         return cls(**fields)
     except (TypeError, ValueError) as error:
         raise InputError(f"invalid {method.name} configuration: {str(error).splitlines()[0]}") from None
+
+
+def _check_modules_to_save(method: Method, names, model) -> None:
+    """peft skips a ``modules_to_save`` entry that matches no module without a word: refuse it instead."""
+    if not names or model is None:
+        return
+    module_names = [name for name, _ in model.named_modules() if name]
+    unmatched = [entry for entry in names if not any(name.endswith(entry) for name in module_names)]
+    if unmatched:
+        leaves = sorted({leaf for leaf in (name.rsplit(".", 1)[-1] for name in module_names) if not leaf.isdigit()})
+        raise InputError(f"{method.name}: modules_to_save entry {unmatched[0]!r} matches no module of the model "
+                         f"(entries are name endings, e.g. 'layer.0.output.LayerNorm'; the model's module "
+                         f"leaf names: {', '.join(leaves)})")
 
 
 def _default_targets(method: Method, model) -> Optional[list[str]]:
