@@ -178,6 +178,12 @@ def test_loretta_adp_counts_biases_in_the_budget():
     first, second = plan.layers[0].fields["down_tensor_shape"], plan.layers[0].fields["up_tensor_shape"]
     rank = plan.layers[0].fields["tensor_rank"]
     assert plan.total == tt_num_params(first, rank) + tt_num_params(second, rank) + 64 + 768 <= 10_000
+    # without biases the same budget buys a higher rank, and the plan the adapters take holds
+    unbiased = plan_budget([layer], 10_000, LorettaRule("loretta_adp", 64, adapter_bias=False))
+    assert unbiased.layers[0].fields["tensor_rank"] > rank
+    model = get_peft_model(tiny_bert(), LorettaAdpConfig(param_budget=3000, bottleneck_size=8, adapter_bias=False,
+                                                         train_layernorms=False))
+    assert 2700 < adapter_params(model, "loretta_adp_") <= 3000
 
 
 def llama_2_7b_on_meta():

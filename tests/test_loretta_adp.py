@@ -120,6 +120,26 @@ def test_normalize_input_makes_the_adapter_blind_to_its_input_scale(tmp_path):
     torch.testing.assert_close(logits(reloaded, inputs), logits(model, inputs))
 
 
+def test_without_adapter_bias_an_adapter_is_its_two_trains_alone_and_reloads(tmp_path):
+    model = nn.Sequential(nn.Linear(768, 768))
+    config = LorettaAdpConfig(target_modules=["0"], train_layernorms=False, adapter_bias=False)
+    assert get_peft_model(model, config).get_nb_trainable_parameters()[0] == 2 * 780  # 64 + 768 fewer
+    inputs = token_batch()
+    model = adp(tiny_bert(), task_type="SEQ_CLS", adapter_bias=False, normalize_input=True)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert not any("_bias" in n for n in names) and any("loretta_adp_up" in n for n in names)
+    torch.testing.assert_close(logits(model, inputs), logits(tiny_bert(), inputs))  # starts at the base
+    train_steps(model, inputs)
+    dense = model.base_model.model.bert.encoder.layer[0].output.dense
+    h = torch.randn(2, 5, 32)
+    split = dense.adapter_output("default", h)
+    assert split.abs().max() > 0
+    dense.loretta_adp_contraction["default"] = "sequential"
+    torch.testing.assert_close(dense.adapter_output("default", h), split)
+    dense.loretta_adp_contraction["default"] = "split"
+    torch.testing.assert_close(logits_after_reload(model, inputs, "tiny_bert", tmp_path), logits(model, inputs))
+
+
 def test_learned_scaling_is_a_trained_and_saved_parameter(tmp_path):
     inputs = token_batch()
     model = adp(tiny_llama(), scaling="learned", non_linearity="gelu", train_layernorms=False)
@@ -175,6 +195,7 @@ def test_bfloat16_base_follows_the_base_dtype():
     ({"init": "bert"}, ["init='bert'", "'zero'"]),
     ({"input_adapter_modules": "gate_proj"}, ["input_adapter_modules", "list of module names"]),
     ({"normalize_input": "yes"}, ["normalize_input='yes'", "True or False"]),
+    ({"adapter_bias": 0}, ["adapter_bias=0", "True or False"]),
 ])
 def test_bad_config_values_raise_clear_errors(kwargs, words):
     with pytest.raises(ValueError) as err:

@@ -80,6 +80,11 @@ METHODS = {
     # scale in every layer) instead of on two dense outputs whose sizes differ 40-230x: tensor rank 4.
     "loretta_adp_10x_ffn_in": ("loretta_adp", [*LORETTA_10X, "--target-modules", "intermediate.dense",
                                                "--input-adapter-modules", "intermediate.dense"]),
+    # loretta_adp_10x_norm with the six feed-forward output norms (4,608), as loretta_rep_10x_ln: the
+    # projection biases (5,376) give way to them; the trains get 2,552 (rank 1-2): 7,160 in all, 10.3x.
+    "loretta_adp_10x_ln": ("loretta_adp", ["--param-budget", "2688", "--normalize-input", "true",
+                                           "--adapter-bias", "false",
+                                           "--layernorm-modules", r".*layer\.\d+\.output\.LayerNorm"]),
     # Ablations of TT-LoRA at the 10x budget (run only when named in --methods): a wide middle bond (the
     # rank of dW) between thin outer ones, `48,8 | 8,48` at ranks 2,7,2, 4,992 parameters; the same budget
     # spread over all four attention projections (rank 2).

@@ -122,12 +122,13 @@ class LorettaRule:
     biases): one tensor rank per layer, as the layers take it."""
 
     def __init__(self, method: str, bottleneck: int, first_shape=None, second_shape=None, bias_params: int = 0,
-                 cores=None):
+                 cores=None, adapter_bias: bool = True):
         self.method = method
         self.bottleneck = bottleneck
         self.cores = cores
         self.first_shape, self.second_shape = first_shape, second_shape
         self.bias_params = bias_params  # per layer, on top of width-dependent biases (a learned scale)
+        self.adapter_bias = adapter_bias  # LoRETTA_adp's projection biases: bottleneck + width
         self.names = PLAN_FIELDS[method][1:]
 
     def _widths(self, layer: LayerSpec) -> tuple[int, int]:
@@ -148,7 +149,9 @@ class LorettaRule:
 
     def params(self, layer: LayerSpec, level: int) -> int:
         first, second = self.shapes(layer)
-        biases = (self.bottleneck + layer.width + self.bias_params) if self.method == "loretta_adp" else 0
+        biases = 0
+        if self.method == "loretta_adp":
+            biases = (self.bottleneck + layer.width if self.adapter_bias else 0) + self.bias_params
         return tt_num_params(first, level) + tt_num_params(second, level) + biases
 
     def fields(self, layer: LayerSpec, level: int) -> dict:
@@ -171,7 +174,8 @@ def rule_for_config(config, method: str):
                            cores=config.tensor_cores)
     if method == "loretta_adp":
         return LorettaRule(method, config.bottleneck_size, config.down_tensor_shape, config.up_tensor_shape,
-                           bias_params=1 if config.scaling == "learned" else 0, cores=config.tensor_cores)
+                           bias_params=1 if config.scaling == "learned" else 0, cores=config.tensor_cores,
+                           adapter_bias=config.adapter_bias)
     raise ValueError(f"no budget planner for method {method!r}; valid: {sorted(PLAN_FIELDS)}")
 
 

@@ -41,6 +41,8 @@ class LorettaAdpConfig(LorettaConfigBase):
         tensor_rank: TT rank of every bond of ``down`` and ``up`` (the paper uses 5).
         non_linearity: a transformers activation name (``ACT2FN``), e.g. ``"relu"`` (the paper's choice).
         scaling: a float, or ``"learned"`` for a trainable scalar per adapter layer (starting at 1).
+        adapter_bias: a trained bias on ``down`` and on ``up`` (default True, as published). ``False`` drops
+            both (``m + h`` parameters an adapter), leaving a small budget to the trains or to layer norms.
         normalize_input: divide the adapter's input by its root mean square over the features (per token, no
             parameters), so every ``down`` sees inputs of one scale. Off by default, as published. An
             encoder's sublayer outputs differ widely in size (MiniLM at [CLS]: 194 after layer 0's FFN, 4.9
@@ -57,14 +59,14 @@ class LorettaAdpConfig(LorettaConfigBase):
             the published/automatic shape (explicit shapes still win); ``None`` (default) keeps those.
         contraction: how the trains are applied to activations (see ``ttpeft.contraction``):
             ``"split"`` (thin factors, default), ``"reconstruct"``, ``"sequential"`` or ``"auto"``.
-        init: ``"zero"`` (up's last core and biases zero: the model starts at the base model; default) or
+        init: ``"zero"`` (up's last core and any biases zero: the model starts at the base model; default) or
             ``"reference"`` (every core random as published, so it does not).
         train_layernorms: train (and save) every layer norm, as in the paper (default True).
         layernorm_modules: with ``train_layernorms``, only the layer norms these select (name suffixes, or
             one regex matched against the full name, as ``target_modules``); ``None``: every one.
         tensorised_head / head_tensor_shape: as for LoRETTA_rep.
         modules_to_save: extra modules to train and save (peft semantics).
-        param_budget: total parameters of all adapter layers (cores and biases); shapes and one tensor
+        param_budget: total parameters of all adapter layers (cores and any biases); shapes and one tensor
             rank per layer are planned to fit (``tensor_rank`` is then ignored; see :mod:`ttpeft.budget`).
         layer_plan: module name -> ``{"tensor_rank", "down_tensor_shape", "up_tensor_shape"}``; filled
             by ``param_budget`` and saved, so a reload rebuilds the same shapes.
@@ -74,6 +76,7 @@ class LorettaAdpConfig(LorettaConfigBase):
     tensor_rank: int = field(default=5, metadata={"help": "TT rank of the down and up trains."})
     non_linearity: str = field(default="relu", metadata={"help": "Activation name (transformers ACT2FN)."})
     scaling: Union[float, str] = field(default=1.0, metadata={"help": "Adapter output scale, or 'learned'."})
+    adapter_bias: bool = field(default=True, metadata={"help": "Train a bias on down and on up (as published)."})
     normalize_input: bool = field(default=False, metadata={"help": "RMS-normalise the adapter's input."})
     input_adapter_modules: Optional[list[str]] = field(
         default=None, metadata={"help": "Targets whose adapter acts on their input (name suffixes)."}
@@ -94,9 +97,9 @@ class LorettaAdpConfig(LorettaConfigBase):
                              f"{sorted(ACT2FN)}")
         if self.scaling != "learned" and (isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float))):
             raise ValueError(f"LorettaAdpConfig: scaling={self.scaling!r} is invalid; valid: a float or 'learned'")
-        if not isinstance(self.normalize_input, bool):
-            raise ValueError(f"LorettaAdpConfig: normalize_input={self.normalize_input!r} is invalid; valid: True or "
-                             "False")
+        for name in ("adapter_bias", "normalize_input"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LorettaAdpConfig: {name}={getattr(self, name)!r} is invalid; valid: True or False")
         if isinstance(self.scaling, int):
             self.scaling = float(self.scaling)
         if self.input_adapter_modules is not None:

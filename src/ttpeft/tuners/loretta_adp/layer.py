@@ -100,8 +100,9 @@ class LorettaAdpLayer(BaseTunerLayer):
             down_bias, up_bias = torch.zeros(m), torch.zeros(width)
         self.loretta_adp_down[adapter_name] = tt_params(down_cores)
         self.loretta_adp_up[adapter_name] = tt_params(up_cores)
-        self.loretta_adp_down_bias[adapter_name] = nn.Parameter(down_bias)
-        self.loretta_adp_up_bias[adapter_name] = nn.Parameter(up_bias)
+        if config.adapter_bias:
+            self.loretta_adp_down_bias[adapter_name] = nn.Parameter(down_bias)
+            self.loretta_adp_up_bias[adapter_name] = nn.Parameter(up_bias)
         if config.scaling == "learned":
             self.loretta_adp_scale[adapter_name] = nn.Parameter(torch.ones(1))
         else:
@@ -146,13 +147,16 @@ class LorettaAdpLayer(BaseTunerLayer):
         else:
             down_factor, up_factor = self.factor_cache.factors(self.factor_ref(adapter_name))
             z = h @ down_factor.to(h.dtype)
-        z = self.loretta_adp_act[adapter_name](z + self.loretta_adp_down_bias[adapter_name].to(z.dtype))
+        has_bias = adapter_name in self.loretta_adp_down_bias
+        if has_bias:
+            z = z + self.loretta_adp_down_bias[adapter_name].to(z.dtype)
+        z = self.loretta_adp_act[adapter_name](z)
         if sequential:
-            bottleneck = self.loretta_adp_down_bias[adapter_name].shape[0]
-            z = apply_train_sequential(z, core_list(self.loretta_adp_up[adapter_name]), bottleneck)
+            z = apply_train_sequential(z, core_list(self.loretta_adp_up[adapter_name]), z.shape[-1])
         else:
             z = z @ up_factor.to(z.dtype)
-        z = z + self.loretta_adp_up_bias[adapter_name].to(z.dtype)
+        if has_bias:
+            z = z + self.loretta_adp_up_bias[adapter_name].to(z.dtype)
         if adapter_name in self.loretta_adp_scale:
             return z * self.loretta_adp_scale[adapter_name].to(z.dtype)
         return z * self.loretta_adp_fixed_scale[adapter_name]
