@@ -133,6 +133,26 @@ def test_summary_means_over_seeds_and_last_row_of_a_seed_wins():
     assert cell["adapter_params"] == [1000, 1000]
 
 
+def test_summary_of_several_results_files_lets_a_later_files_run_replace_the_same_seed(tmp_path):
+    first, reruns = tmp_path / "results.jsonl", tmp_path / "reruns.jsonl"
+    first.write_text("".join(json.dumps(row) + "\n" for row in (
+        summary_row("lora_r8", "cb", 0, 0.50, 1000), summary_row("lora_r8", "cb", 1, 0.70, 1000))))
+    reruns.write_text(json.dumps(summary_row("lora_r8", "cb", 1, 0.90, 1000)) + "\n")
+    out = tmp_path / "out"
+    assert summary.main(["--results", str(first), str(reruns), "--out-dir", str(out)]) == 0
+    text = (out / "summary.md").read_text()
+    assert "From `results.jsonl + reruns.jsonl` (3 runs)" in text
+    assert "| lora_r8 |" in text and "70.0 ± 28.3 (n=2)" in text  # seeds 0 and 1 (rerun): 50 and 90
+    selected = json.loads(first.read_text().splitlines()[1])
+    selected["lr_selection"] = {"chosen": 1e-3, "from": "train split", "held_out_samples": 50,
+                                "held_out_scores": {"0.001": 0.7}}
+    first.write_text(first.read_text().splitlines()[0] + "\n" + json.dumps(selected) + "\n")
+    summary.main(["--results", str(first), str(reruns), "--out-dir", str(out)])
+    assert "held-out train slice" not in (out / "summary.md").read_text()  # the rerun replaced the chosen row
+    summary.main(["--results", str(first), "--out-dir", str(out)])
+    assert "| cb | lora_r8 | 1 | 50 | 0.001: 70.0 | 0.001 | 70.0 |" in (out / "summary.md").read_text()
+
+
 @pytest.mark.parametrize("head", [5, None])
 def test_summary_says_whether_a_head_is_counted_and_which_rows_are_held_out(tmp_path, head):
     rows = [summary_row("lora_r8", "cb", 0, 0.5, 1000, head=head or 0)]

@@ -207,7 +207,7 @@ def paired_lines(rows: list[dict], tasks: list[str], averages: dict, adapter_siz
 def lr_selection_lines(rows: list[dict]) -> list[str]:
     """Per run chosen on the held-out slice (`--lr-grid`): its score at each rate, the rate chosen and the
     validation score that rate reached. The last row of a seed wins, as in the tables."""
-    chosen = {(r["task"], r["variant"], r["seed"]): r for r in rows if r.get("lr_selection")}
+    chosen = {key: r for key, r in last_row_per_seed(rows).items() if r.get("lr_selection")}
     if not chosen:
         return []
     lines = ["", "Learning rates chosen on the held-out train slice: held-out score at each rate → rate chosen → "
@@ -296,16 +296,19 @@ def plot_points(points: dict, xlabel: str, ylabel: str, title: str, out: Path) -
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", default=str(HERE / "results" / "results.jsonl"))
-    parser.add_argument("--out-dir", default=None, help="default: the results file's folder")
+    parser.add_argument("--results", nargs="+", default=[str(HERE / "results" / "results.jsonl")],
+                        help="results files, read in order: a later file's run of a task, variant and seed "
+                        "replaces an earlier one (reruns of some cells at another rate, say)")
+    parser.add_argument("--out-dir", default=None, help="default: the first results file's folder")
     parser.add_argument("--tasks", default=None, help="comma-separated tasks to summarise (default: every task "
                         "in the results file); the average is over these")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds to summarise (default: all)")
     args = parser.parse_args(argv)
-    source = Path(args.results)
-    out_dir = Path(args.out_dir) if args.out_dir else source.parent
+    sources = [Path(path) for path in args.results]
+    source = sources[0] if len(sources) == 1 else Path(" + ".join(path.name for path in sources))
+    out_dir = Path(args.out_dir) if args.out_dir else sources[0].parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = select_rows(read_rows(source), source, args.tasks, args.seeds)
+    rows = select_rows([row for path in sources for row in read_rows(path)], source, args.tasks, args.seeds)
     if not rows:
         raise SystemExit(f"no runs in {source}")
     cells = aggregate(rows)
