@@ -110,6 +110,9 @@ def test_a_modules_to_save_entry_that_matches_no_module_is_refused(tokenizer):
         training.apply_method(tiny_bert(tokenizer), get_method("ttlora"),
                               {"modules_to_save": ["layer.1.output.LayerNorm", "layer.7.output.LayerNorm"]},
                               training.ENCODER)
+    with pytest.raises(InputError, match=r"modules_to_save='classifier' must be a list of module names"):
+        training.apply_method(tiny_bert(tokenizer), get_method("lora"), {"modules_to_save": "classifier"},
+                              training.ENCODER)
 
 
 @pytest.mark.parametrize("method_name", ["ttlora", "lora", "head"])

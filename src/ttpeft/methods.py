@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from argparse import ArgumentTypeError  # argparse shows its message as written
 import importlib
 import json
+from argparse import ArgumentTypeError  # argparse shows its message as written
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -80,7 +80,7 @@ def parse_suffix_list(text: str) -> list[str]:
     """A comma-separated list of module name suffixes (peft's ``modules_to_save`` takes no regex)."""
     if _REGEX_CHARACTERS & set(text):
         raise ArgumentTypeError(f"expected comma-separated module name suffixes, got the pattern {text!r} "
-                         "(modules_to_save matches name endings, not a regex)")
+                                "(modules_to_save matches name endings, not a regex)")
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
         raise ArgumentTypeError(f"expected at least one module name, got {text!r}")
@@ -246,6 +246,9 @@ def build_peft_config(method: Method, fields: dict, task_type: str, model):
 
 def _check_modules_to_save(method: Method, names, model) -> None:
     """peft skips a ``modules_to_save`` entry that matches no module without a word: refuse it instead."""
+    if isinstance(names, str):
+        raise InputError(f"{method.name}: modules_to_save={names!r} must be a list of module names, "
+                         f"e.g. [{names!r}]")
     if not names or model is None:
         return
     module_names = [name for name, _ in model.named_modules() if name]
