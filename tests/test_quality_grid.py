@@ -141,7 +141,7 @@ def test_summary_of_several_results_files_lets_a_later_files_run_replace_the_sam
     out = tmp_path / "out"
     assert summary.main(["--results", str(first), str(reruns), "--out-dir", str(out)]) == 0
     text = (out / "summary.md").read_text()
-    assert "From `results.jsonl + reruns.jsonl` (3 runs)" in text
+    assert "From `results.jsonl + reruns.jsonl` (2 runs; 1 earlier runs of the same seeds replaced)" in text
     assert "| lora_r8 |" in text and "70.0 ± 28.3 (n=2)" in text  # seeds 0 and 1 (rerun): 50 and 90
     selected = json.loads(first.read_text().splitlines()[1])
     selected["lr_selection"] = {"chosen": 1e-3, "from": "train split", "held_out_samples": 50,

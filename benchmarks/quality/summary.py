@@ -84,6 +84,12 @@ def aggregate(rows: list[dict]) -> dict:
     return cells
 
 
+def _run_count(rows: list[dict]) -> str:
+    used = len(last_row_per_seed(rows))
+    replaced = len(rows) - used
+    return f"{used} runs" + (f"; {replaced} earlier runs of the same seeds replaced" if replaced else "")
+
+
 def write_markdown(cells: dict, rows: list[dict], out: Path, source: Path, has_average: bool = False) -> None:
     tasks = sorted({task for task, _ in cells})
     variants = sorted({variant for _, variant in cells}, key=variant_rank)
@@ -93,7 +99,7 @@ def write_markdown(cells: dict, rows: list[dict], out: Path, source: Path, has_a
     head_note = ("Trainable parameters include the classifier head." if has_head
                  else "No classifier head: the model scores each label word after a prompt.")
     lines = [f"# Quality grid summary", "",
-             f"From `{source.name}` ({len(rows)} runs). Metric: the task's headline metric ×100, "
+             f"From `{source.name}` ({_run_count(rows)}). Metric: the task's headline metric ×100, "
              f"mean ± std over seeds (n = seeds). {head_note}", "",
              "Caps and epochs of these runs: " + "; ".join(f"`{c}`" for c in caps), ""]
     held_out = sorted({r["config"]["on_holdout"] for r in rows if r["config"].get("on_holdout")})
