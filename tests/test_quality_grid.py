@@ -249,7 +249,7 @@ def test_lr_selection_trains_on_a_held_out_train_slice_picks_the_best_and_resume
         return result
 
     monkeypatch.setattr(grid, "train_once", fake_train_once)
-    chosen, scores = grid.choose_lr("cb", "ttlora_10x", 0, args)
+    chosen, scores, _ = grid.choose_lr("cb", "ttlora_10x", 0, args)
     assert chosen == pytest.approx(best) and len(scores) == len(grid.LR_MULTIPLIERS)
     [data_dir] = {d for d, _ in calls}
     split = Path(data_dir) / "super_glue" / "cb"
@@ -315,9 +315,50 @@ def test_lr_extend_walks_past_the_edge_until_the_best_rate_is_inside(tmp_path, m
     default = grid.default_lr("ttlora")
     calls = []
     monkeypatch.setattr(grid, "train_once", fake_held_out_training(default * peak_multiplier, calls))
-    chosen, scores = grid.choose_lr("cb", "ttlora_10x", 0, args)
+    chosen, scores, _ = grid.choose_lr("cb", "ttlora_10x", 0, args)
     assert len(calls) == tried and len(scores) == tried
     assert chosen == pytest.approx(default * chosen_multiplier)
+
+
+@pytest.mark.parametrize("never_trained, chosen", [
+    ([0.04], 0.01),  # the rate above the best never trained: one below it
+    ([], 0.02),
+    ([0.01], 0.02),  # a failed rate below the best changes nothing
+])
+def test_a_best_rate_next_to_one_that_never_trained_gives_way_to_the_rate_below(never_trained, chosen):
+    assert grid.rate_below_cliff(0.02, [0.01, 0.02, 0.04], never_trained) == chosen
+    assert grid.rate_below_cliff(0.01, [0.01, 0.02], [0.02]) == 0.01  # nothing below: the best stays
+
+
+def test_lr_off_cliff_trains_below_a_best_rate_whose_neighbour_never_trained_and_records_why(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    write_split(data, "cb", "train", [f"train {i}" for i in range(50)])
+    write_split(data, "cb", "validation", [f"reported {i}" for i in range(20)])
+    default = grid.default_lr("ttlora")
+    calls = []
+    score_by_peak = fake_held_out_training(default, calls)
+
+    def train_once(task, variant, seed, args, data_dir, output_dir, lr=None, **kwargs):
+        result = score_by_peak(task, variant, seed, args, data_dir, output_dir, lr=lr, **kwargs)
+        result["train"]["loss_fell"] = lr < default * 1.5  # the top rate never trains
+        (output_dir / "results.json").write_text(json.dumps(result))
+        return result
+
+    monkeypatch.setattr(grid, "train_once", train_once)
+    results = tmp_path / "off-cliff.jsonl"
+    argv = grid_argv(tmp_path, "--data-dir", str(data), "--tasks", "cb", "--methods", "ttlora_10x", "--seeds", "0",
+                     "--lr-grid", "--lr-off-cliff", "--runs-dir", str(tmp_path / "runs"), "--results", str(results))
+    assert grid.main(argv) == 0
+    [row] = grid.read_rows(results)
+    assert row["lr"] == pytest.approx(default / 2) and calls[-1] == pytest.approx(default / 2)  # validation run
+    assert row["lr_selection"]["best_held_out"] == pytest.approx(default)
+    assert row["lr_selection"]["never_trained"] == pytest.approx([default * 2])
+    assert row["config"]["lr_off_cliff"] is True
+    summary.write_markdown(summary.aggregate([row]), [row], tmp_path / "summary.md", results)
+    assert f"| {default / 2:g} (below {default:g}, whose neighbour above never trained) |" in (
+        tmp_path / "summary.md").read_text()
+    with pytest.raises(SystemExit, match="--lr-off-cliff acts on the --lr-grid search"):
+        grid.main(grid_argv(tmp_path, "--lr-off-cliff"))
 
 
 def test_reuse_from_takes_recorded_held_out_scores_and_copies_a_row_whose_rate_still_wins(tmp_path, monkeypatch):

@@ -7,7 +7,8 @@ With --lr-grid, each method's learning rate is first chosen on a slice held out 
 (the reported validation split is never used for the choice); the chosen value is recorded in the row.
 --lr-extend N keeps walking past the grid's edge while the edge rate is strictly the best (up to N more
 rates); --reuse-from takes the held-out scores an earlier --lr-grid recorded instead of rerunning them;
---lr-from trains further seeds at the rate an earlier --lr-grid chose.
+--lr-from trains further seeds at the rate an earlier --lr-grid chose; --lr-off-cliff steps down from a best
+rate whose neighbour above never trained.
 
     python benchmarks/quality/grid.py --dry-run
     python benchmarks/quality/grid.py --tasks sst2 --methods lora_r8,ttlora --seeds 0 \
@@ -167,6 +168,10 @@ def parse_args(argv=None):
     parser.add_argument("--lr-extend", type=int, default=0, metavar="N",
                         help="with --lr-grid: while the best held-out rate is the grid's highest (lowest) and strictly "
                              "better than its neighbour, try the rate twice (half) as large, up to N more rates")
+    parser.add_argument("--lr-off-cliff", action="store_true",
+                        help="with --lr-grid: when the held-out run at the rate above the best one never trained "
+                             "(its training loss did not fall), take the rate below the best instead: the best sits "
+                             "at a cliff's edge, which another seed may go over")
     parser.add_argument("--reuse-from", default=None, metavar="RESULTS",
                         help="with --lr-grid: an earlier --lr-grid results file with the same caps; its recorded "
                              "held-out scores stand for those selection runs, and its row is copied when its rate "
@@ -228,6 +233,7 @@ def run_config(variant: str, args, lr=None) -> dict:
             # only when set, so the keys of earlier rows stay valid
             **({"fixed_lr": args.lr} if args.lr is not None else {}),
             **({"lr_extend": args.lr_extend} if args.lr_extend and lr is None else {}),
+            **({"lr_off_cliff": True} if args.lr_off_cliff and lr is None else {}),
             **({"on_holdout": args.holdout_samples} if args.on_holdout else {})}
 
 
@@ -353,13 +359,15 @@ def held_out_rows(task: str, seed: int, args) -> int:
     return len(pd.read_parquet(folder / "validation.parquet"))
 
 
-def choose_lr(task: str, variant: str, seed: int, args, recorded: dict | None = None) -> tuple[float, dict]:
-    """Best held-out rate and the score at each rate tried. ``recorded`` (rate as str -> score) holds scores of
-    selection runs an earlier grid made (--reuse-from); those are not run again."""
+def choose_lr(task: str, variant: str, seed: int, args,
+              recorded: dict | None = None) -> tuple[float, dict, list[float]]:
+    """Best held-out rate, the score at each rate tried and the rates whose held-out run never trained (its
+    training loss did not fall). ``recorded`` (rate as str -> score) holds scores of selection runs an earlier
+    grid made (--reuse-from); those are not run again."""
     method = METHODS[variant][0]
     recorded = recorded or {}
     data_dir = holdout_data_dir(task, seed, args)
-    scores = {}
+    scores, never_trained = {}, []
 
     def score(lr: float) -> None:
         config = {**run_config(variant, args, lr), "holdout_samples": args.holdout_samples}
@@ -376,6 +384,8 @@ def choose_lr(task: str, variant: str, seed: int, args, recorded: dict | None = 
             result = train_once(task, variant, seed, args, data_dir, out, lr=lr,
                                 max_train_samples=args.max_train_samples)
         scores[lr] = result["metrics"][result["headline_metric"]]
+        if result.get("train", {}).get("loss_fell") is False:
+            never_trained.append(lr)
         print(f"    lr {lr:g}: held-out {result['headline_metric']} {scores[lr]:.4f}", flush=True)
 
     for multiplier in LR_MULTIPLIERS:
@@ -386,7 +396,16 @@ def choose_lr(task: str, variant: str, seed: int, args, recorded: dict | None = 
             break
         score(beyond)
     best = max(sorted(scores), key=scores.get)  # ties go to the lower rate
-    return best, {str(k): v for k, v in sorted(scores.items())}
+    return best, {str(k): v for k, v in sorted(scores.items())}, sorted(never_trained)
+
+
+def rate_below_cliff(best: float, rates, never_trained) -> float:
+    """The rate below ``best`` when the rate above it never trained (and there is one below), else ``best``."""
+    rates = sorted(rates)
+    i = rates.index(best)
+    if i + 1 < len(rates) and rates[i + 1] in never_trained and i > 0:
+        return rates[i - 1]
+    return best
 
 
 def rates_chosen_in(path: Path, variants: list[str], args) -> dict:
@@ -466,6 +485,9 @@ def main(argv=None) -> int:
         sys.exit(f"{flag} needs a parquet --data-dir to cut the held-out train slice from")
     if args.lr_extend and not args.lr_grid:
         sys.exit(f"--lr-extend {args.lr_extend} widens the --lr-grid search: add --lr-grid")
+    if args.lr_off_cliff and (not args.lr_grid or args.reuse_from):
+        sys.exit("--lr-off-cliff acts on the --lr-grid search's own held-out runs: add --lr-grid, without "
+                 "--reuse-from (recorded scores do not say whether a run trained)")
     if args.lr_extend < 0:
         sys.exit(f"--lr-extend {args.lr_extend} is invalid: give a number of extra rates >= 0")
     if args.lr_grid and (args.lr is not None or args.on_holdout):
@@ -525,9 +547,12 @@ def main(argv=None) -> int:
                 data_dir = holdout_data_dir(task, seed, args)
             if args.lr_grid and variant != "zero_shot":
                 recorded = earlier_row["lr_selection"]["held_out_scores"] if earlier_row else {}
-                lr, scores = choose_lr(task, variant, seed, args, recorded)
+                best, scores, never_trained = choose_lr(task, variant, seed, args, recorded)
+                lr = rate_below_cliff(best, map(float, scores), never_trained) if args.lr_off_cliff else best
                 lr_choice = {"chosen": lr, "held_out_scores": scores,
-                             "held_out_samples": held_out_rows(task, seed, args), "from": "train split"}
+                             "held_out_samples": held_out_rows(task, seed, args), "from": "train split",
+                             **({"never_trained": never_trained} if never_trained else {}),
+                             **({"best_held_out": best} if lr != best else {})}
             key = run_key(task, variant, config, seed)
             out = Path(args.runs_dir) / run_dir_name(task, variant, key, seed)
             if earlier_row is not None and earlier_row["lr"] == lr:

@@ -228,8 +228,12 @@ def lr_selection_lines(rows: list[dict]) -> list[str]:
         value = 100 * row["metrics"][row["headline_metric"]]
         edge = grid_edge(selection)
         edges += bool(edge)
+        notes = [edge] if edge else []
+        if "best_held_out" in selection:  # grid.py --lr-off-cliff stepped down from the best rate
+            notes.append(f"below {selection['best_held_out']:g}, whose neighbour above never trained")
+        note = f" ({'; '.join(notes)})" if notes else ""
         lines.append(f"| {task} | {variant} | {seed} | {selection['held_out_samples']} | {scores} | "
-                     f"{selection['chosen']:g}{f' ({edge})' if edge else ''} | {value:.1f} |")
+                     f"{selection['chosen']:g}{note} | {value:.1f} |")
     if edges:
         lines += ["", f"{edges} of {len(chosen)} choices are at the top or bottom of the grid and strictly better "
                   "than the other rates there: the best rate may lie beyond the grid."]
