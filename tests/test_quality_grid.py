@@ -68,6 +68,13 @@ def test_10x_variants_train_at_most_a_tenth_of_lora_r8_on_minilm(variant):
     assert 0.6 * 7000 < adapter <= minilm_adapter_params("lora_r8") / 10
 
 
+@pytest.mark.parametrize("variant", [v for v in grid.METHODS if "_100x" in v])
+def test_100x_variants_train_about_a_hundredth_of_lora_r8_on_minilm(variant):
+    # a budget of 737 (lora_r8 / 100); the rivals may reach TinyLoRA's fixed default, 768, and no further
+    adapter = minilm_adapter_params(variant)
+    assert 0.9 * 737 < adapter <= 768
+
+
 def grid_argv(tmp_path: Path, *more: str) -> list[str]:
     # a data folder without parquet files: step counts come from the known split sizes
     return ["--tasks", "cb,stsb", "--methods", "lora_r8,ttlora_10x", "--seeds", "0,1",
@@ -202,6 +209,9 @@ def test_summary_of_a_subset_averages_over_its_tasks_and_seeds_only(tmp_path):
         summary.select_rows(rows, source, tasks="cb,rte")
     with pytest.raises(SystemExit, match="no runs with seed 2"):
         summary.select_rows(rows, source, seeds="2")
+    assert averages(summary.select_rows(rows, source, tasks="cb", methods="vera")) == {"vera": "70.0"}
+    with pytest.raises(SystemExit, match="no runs with variant lokr"):
+        summary.select_rows(rows, source, methods="vera,lokr")
 
 
 @pytest.mark.parametrize("scores, chosen, edge", [

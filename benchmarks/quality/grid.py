@@ -112,6 +112,13 @@ METHODS = {
     "vblora_10x": ("vblora", ["--num-vectors", "16", "--vector-length", "128"]),
     "tinylora": ("tinylora", []),
     "lokr": ("lokr", []),
+    # ~100x fewer adapter parameters than lora_r8 (at most 737): the top of the 10-100x range. The tensor trains
+    # are rank 1; LoRETTA_adp cannot go this low (its biases alone are 5,376) and neither can IA3 or LN tuning
+    # short of dropping layers. TinyLoRA's default (768) is already there.
+    "ttlora_100x": ("ttlora", ["--param-budget", "737"]),
+    "loretta_rep_100x": ("loretta_rep", ["--param-budget", "737", "--train-layernorms", "false"]),
+    "fourierft_100x": ("fourierft", ["--n-frequency", "61"]),
+    "vblora_100x": ("vblora", ["--r", "1", "--num-vectors", "4", "--vector-length", "96"]),
     "ia3": ("ia3", []),
     # IA3 at the same budget: scale the outputs of key, value and the attention output (6 layers x 3 x 384).
     "ia3_10x": ("ia3", ["--target-modules", "key,value,attention.output.dense"]),

@@ -20,11 +20,13 @@ from grid import rate_beyond_edge  # noqa: E402  (the search's own edge rule)
 # Table and legend order; variants not listed here follow in name order.
 VARIANT_ORDER = ["zero_shot", "head", "full", "lora_r8", "lora_r1", "ttlora", "loretta_rep", "loretta_adp", "ttlora_10x",
                  "ttlora_10x_bal", "ttlora_10x_ln", "loretta_rep_10x", "loretta_rep_10x_ln", "loretta_adp_10x",
-                 "loretta_adp_10x_norm", "loretta_adp_10x_ln", "vera", "fourierft", "fourierft_10x", "vblora",
-                 "vblora_10x", "tinylora", "lokr", "ia3", "ia3_10x", "ln_tuning", "ln_tuning_10x"]
+                 "loretta_adp_10x_norm", "loretta_adp_10x_ln", "ttlora_100x", "loretta_rep_100x", "vera", "fourierft",
+                 "fourierft_10x", "fourierft_100x", "vblora", "vblora_10x", "vblora_100x", "tinylora", "lokr", "ia3",
+                 "ia3_10x", "ln_tuning", "ln_tuning_10x"]
 REFERENCE = "lora_r8"  # the target compares each tensor-train variant with it
 OURS = ("ttlora", "loretta_rep", "loretta_adp", "ttlora_10x", "ttlora_10x_bal", "ttlora_10x_ln", "loretta_rep_10x",
-        "loretta_rep_10x_ln", "loretta_adp_10x", "loretta_adp_10x_norm", "loretta_adp_10x_ln")
+        "loretta_rep_10x_ln", "loretta_adp_10x", "loretta_adp_10x_norm", "loretta_adp_10x_ln", "ttlora_100x",
+        "loretta_rep_100x")
 MARKERS = "osD^v<>pP*XhH8d"
 
 
@@ -32,9 +34,10 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def select_rows(rows: list[dict], source: Path, tasks: Optional[str] = None, seeds: Optional[str] = None) -> list[dict]:
-    """The rows of the comma-separated ``tasks`` and ``seeds`` (None: all of them)."""
-    for option, key, text in (("--tasks", "task", tasks), ("--seeds", "seed", seeds)):
+def select_rows(rows: list[dict], source: Path, tasks: Optional[str] = None, seeds: Optional[str] = None,
+                methods: Optional[str] = None) -> list[dict]:
+    """The rows of the comma-separated ``tasks``, ``seeds`` and method variants (None: all of them)."""
+    for option, key, text in (("--tasks", "task", tasks), ("--seeds", "seed", seeds), ("--methods", "variant", methods)):
         if not text:
             continue
         wanted = {part.strip() for part in text.split(",") if part.strip()}
@@ -313,12 +316,15 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", default=None, help="comma-separated tasks to summarise (default: every task "
                         "in the results file); the average is over these")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds to summarise (default: all)")
+    parser.add_argument("--methods", default=None, help="comma-separated method variants to summarise (default: "
+                        "all); keep lora_r8 for the comparison with it")
     args = parser.parse_args(argv)
     sources = [Path(path) for path in args.results]
     source = sources[0] if len(sources) == 1 else Path(" + ".join(path.name for path in sources))
     out_dir = Path(args.out_dir) if args.out_dir else sources[0].parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = select_rows([row for path in sources for row in read_rows(path)], source, args.tasks, args.seeds)
+    rows = select_rows([row for path in sources for row in read_rows(path)], source, args.tasks, args.seeds,
+                       args.methods)
     if not rows:
         raise SystemExit(f"no runs in {source}")
     cells = aggregate(rows)
