@@ -367,6 +367,11 @@ def test_lr_off_cliff_trains_below_a_best_rate_whose_neighbour_never_trained_and
     summary.write_markdown(summary.aggregate([row]), [row], tmp_path / "summary.md", results)
     assert f"| {default / 2:g} (below {default:g}, whose neighbour above never trained) |" in (
         tmp_path / "summary.md").read_text()
+    # further seeds at the rate the search took (it is not the best held-out one)
+    more = grid_argv(tmp_path, "--data-dir", str(data), "--tasks", "cb", "--methods", "ttlora_10x", "--seeds", "1",
+                     "--lr-from", str(results), "--runs-dir", str(tmp_path / "runs"), "--results", str(results))
+    assert grid.main(more) == 0
+    assert grid.read_rows(results)[-1]["lr"] == pytest.approx(default / 2) and calls[-1] == pytest.approx(default / 2)
     with pytest.raises(SystemExit, match="--lr-off-cliff acts on the --lr-grid search"):
         grid.main(grid_argv(tmp_path, "--lr-off-cliff"))
 

@@ -441,8 +441,9 @@ def planned_runs(variant: str, earlier_row: dict | None, args) -> int:
 
 
 def plain_grid_config(config: dict) -> dict:
-    """The config of the same cell searched without --lr-extend (the rows --reuse-from can stand in for)."""
-    return {k: v for k, v in config.items() if k != "lr_extend"}
+    """The config of the same cell however its rate was searched (--lr-extend, --lr-off-cliff): the rows
+    --reuse-from can stand in for, and whose chosen rate --lr-from trains further seeds at."""
+    return {k: v for k, v in config.items() if k not in ("lr_extend", "lr_off_cliff")}
 
 
 def rate_beyond_edge(scores: dict) -> float | None:
