@@ -158,6 +158,10 @@ def test_summary_of_several_results_files_lets_a_later_files_run_replace_the_sam
     assert "held-out train slice" not in (out / "summary.md").read_text()  # the rerun replaced the chosen row
     summary.main(["--results", str(first), "--out-dir", str(out)])
     assert "| cb | lora_r8 | 1 | 50 | 0.001: 70.0 | 0.001 | 70.0 |" in (out / "summary.md").read_text()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "results.jsonl").write_text(reruns.read_text())  # the same file name in another folder
+    summary.main(["--results", str(first), str(tmp_path / "other" / "results.jsonl"), "--out-dir", str(out)])
+    assert f"From `{tmp_path.name}/results.jsonl + other/results.jsonl` (2 runs;" in (out / "summary.md").read_text()
 
 
 @pytest.mark.parametrize("head", [5, None])

@@ -34,7 +34,7 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def select_rows(rows: list[dict], source: Path, tasks: Optional[str] = None, seeds: Optional[str] = None,
+def select_rows(rows: list[dict], source: Path | str, tasks: Optional[str] = None, seeds: Optional[str] = None,
                 methods: Optional[str] = None) -> list[dict]:
     """The rows of the comma-separated ``tasks``, ``seeds`` and method variants (None: all of them)."""
     for option, key, text in (("--tasks", "task", tasks), ("--seeds", "seed", seeds), ("--methods", "variant", methods)):
@@ -93,7 +93,15 @@ def _run_count(rows: list[dict]) -> str:
     return f"{used} runs" + (f"; {replaced} earlier runs of the same seeds replaced" if replaced else "")
 
 
-def write_markdown(cells: dict, rows: list[dict], out: Path, source: Path, has_average: bool = False) -> None:
+def sources_label(paths: list[Path]) -> str:
+    """How the summary names its results files: by file name, or folder and name where two names are alike."""
+    names = [path.name for path in paths]
+    if len(set(names)) < len(names):
+        names = [f"{path.parent.name}/{path.name}" for path in paths]
+    return " + ".join(names)
+
+
+def write_markdown(cells: dict, rows: list[dict], out: Path, source: Path | str, has_average: bool = False) -> None:
     tasks = sorted({task for task, _ in cells})
     variants = sorted({variant for _, variant in cells}, key=variant_rank)
     caps = sorted({json.dumps({k: r["config"][k] for k in ("max_train_samples", "max_eval_samples", "epochs")},
@@ -102,7 +110,7 @@ def write_markdown(cells: dict, rows: list[dict], out: Path, source: Path, has_a
     head_note = ("Trainable parameters include the classifier head." if has_head
                  else "No classifier head: the model scores each label word after a prompt.")
     lines = [f"# Quality grid summary", "",
-             f"From `{source.name}` ({_run_count(rows)}). Metric: the task's headline metric ×100, "
+             f"From `{source if isinstance(source, str) else source.name}` ({_run_count(rows)}). Metric: the task's headline metric ×100, "
              f"mean ± std over seeds (n = seeds). {head_note}", "",
              "Caps and epochs of these runs: " + "; ".join(f"`{c}`" for c in caps), ""]
     held_out = sorted({r["config"]["on_holdout"] for r in rows if r["config"].get("on_holdout")})
@@ -320,7 +328,7 @@ def main(argv=None) -> int:
                         "all); keep lora_r8 for the comparison with it")
     args = parser.parse_args(argv)
     sources = [Path(path) for path in args.results]
-    source = sources[0] if len(sources) == 1 else Path(" + ".join(path.name for path in sources))
+    source = sources[0] if len(sources) == 1 else sources_label(sources)
     out_dir = Path(args.out_dir) if args.out_dir else sources[0].parent
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = select_rows([row for path in sources for row in read_rows(path)], source, args.tasks, args.seeds,
