@@ -37,7 +37,8 @@ def read_rows(path: Path) -> list[dict]:
 def select_rows(rows: list[dict], source: Path | str, tasks: Optional[str] = None, seeds: Optional[str] = None,
                 methods: Optional[str] = None) -> list[dict]:
     """The rows of the comma-separated ``tasks``, ``seeds`` and method variants (None: all of them)."""
-    for option, key, text in (("--tasks", "task", tasks), ("--seeds", "seed", seeds), ("--methods", "variant", methods)):
+    for option, key, text in (("--tasks", "task", tasks), ("--seeds", "seed", seeds),
+                              ("--methods", "variant", methods)):
         if not text:
             continue
         wanted = {part.strip() for part in text.split(",") if part.strip()}
@@ -109,8 +110,9 @@ def write_markdown(cells: dict, rows: list[dict], out: Path, source: Path | str,
     has_head = any(r.get("head_params") for r in rows)  # a causal LM scores label words: no head
     head_note = ("Trainable parameters include the classifier head." if has_head
                  else "No classifier head: the model scores each label word after a prompt.")
+    label = source if isinstance(source, str) else source.name
     lines = [f"# Quality grid summary", "",
-             f"From `{source if isinstance(source, str) else source.name}` ({_run_count(rows)}). Metric: the task's headline metric ×100, "
+             f"From `{label}` ({_run_count(rows)}). Metric: the task's headline metric ×100, "
              f"mean ± std over seeds (n = seeds). {head_note}", "",
              "Caps and epochs of these runs: " + "; ".join(f"`{c}`" for c in caps), ""]
     held_out = sorted({r["config"]["on_holdout"] for r in rows if r["config"].get("on_holdout")})
