@@ -112,9 +112,9 @@ METHODS = {
     "vblora_10x": ("vblora", ["--num-vectors", "16", "--vector-length", "128"]),
     "tinylora": ("tinylora", []),
     "lokr": ("lokr", []),
-    # ~100x fewer adapter parameters than lora_r8 (at most 737): the top of the 10-100x range. The tensor trains
-    # are rank 1; LoRETTA_adp cannot go this low (its biases alone are 5,376) and neither can IA3 or LN tuning
-    # short of dropping layers. TinyLoRA's default (768) is already there.
+    # ~100x fewer adapter parameters than lora_r8: a budget of 737 (lora_r8 / 100), the top of the 10-100x range;
+    # the rivals' sizes reach 768, TinyLoRA's fixed default. The tensor trains are rank 1; LoRETTA_adp cannot go
+    # this low (its biases alone are 5,376) and neither can IA3 or LN tuning short of dropping layers.
     "ttlora_100x": ("ttlora", ["--param-budget", "737"]),
     "loretta_rep_100x": ("loretta_rep", ["--param-budget", "737", "--train-layernorms", "false"]),
     "fourierft_100x": ("fourierft", ["--n-frequency", "61"]),
