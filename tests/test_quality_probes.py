@@ -1,0 +1,55 @@
+"""Probes of the accuracy benchmark that patch `ttpeft train` at interpreter start: what each promises to change."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from tiny_models import logits, tiny_bert, token_batch
+from ttpeft import training
+from ttpeft.cli import build_parser
+from ttpeft.methods import get_method, method_config_fields
+
+PROBES = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "probes"
+
+
+def patched_apply_method(monkeypatch, probe: str, env: str):
+    """`training.apply_method` as the probe's sitecustomize leaves it (restored after the test)."""
+    monkeypatch.setenv(env, "1")
+    monkeypatch.setattr(training, "apply_method", training.apply_method)
+    spec = importlib.util.spec_from_file_location(f"probe_{probe}", PROBES / probe / "sitecustomize.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    return training.apply_method
+
+
+def method_and_fields(argv: list[str]):
+    args = build_parser().parse_args(["train", *argv])
+    method = get_method(args.method)
+    return method, method_config_fields(method, vars(args), None)
+
+
+def test_principal_start_keeps_the_model_and_fills_every_core(monkeypatch):
+    apply_method = patched_apply_method(monkeypatch, "pissa_init", "TTPEFT_PROBE_PISSA")
+    model, inputs = tiny_bert(), token_batch()
+    before = logits(model, inputs)
+    weights = {name: m.weight.detach().clone() for name, m in model.named_modules() if name.endswith("query")}
+    method, fields = method_and_fields(["--method", "ttlora", "--target-modules", "query,value"])
+    peft_model, _ = apply_method(model, method, fields, training.ENCODER)
+    torch.testing.assert_close(logits(peft_model, inputs), before, atol=1e-5, rtol=1e-5)
+    layers = [m for m in peft_model.modules() if hasattr(m, "ttlora_cores")]
+    assert len(layers) == 4
+    for layer in layers:
+        assert all(core.abs().sum() > 0 for core in layer.ttlora_cores["default"])
+    for name, weight in weights.items():
+        base = peft_model.get_submodule(f"base_model.model.{name}").get_base_layer().weight
+        assert not torch.allclose(base, weight)  # the base holds the residual
+
+
+def test_norm_weights_only_freezes_the_trained_norms_biases(monkeypatch):
+    apply_method = patched_apply_method(monkeypatch, "norm_weights_only", "TTPEFT_PROBE_NORM_WEIGHTS_ONLY")
+    method, fields = method_and_fields(["--method", "loretta_rep", "--target-modules", "query,value"])
+    peft_model, _ = apply_method(tiny_bert(), method, fields, training.ENCODER)
+    trained = [(n, p) for n, p in peft_model.named_parameters() if "LayerNorm" in n and p.requires_grad]
+    assert trained and all(n.endswith("weight") for n, _ in trained)
