@@ -225,7 +225,10 @@ def _absolute(path: Optional[str]) -> Optional[str]:
 
 
 def _split_list(text: Optional[str]) -> Optional[list[str]]:
-    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+    """The items of a comma-separated option; None when it was not given."""
+    from .methods import comma_separated
+
+    return comma_separated(text) if text else None
 
 
 def run_train(args, argv: list[str]) -> dict:

@@ -73,10 +73,11 @@ def parse_module_names(text: str):
     comma-separated list of module name suffixes."""
     if text == "all-linear" or _REGEX_CHARACTERS & set(text):
         return text
-    return _comma_separated(text)
+    return comma_separated(text)
 
 
-def _comma_separated(text: str) -> list[str]:
+def comma_separated(text: str) -> list[str]:
+    """The non-empty, stripped items of a comma-separated list."""
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
@@ -85,7 +86,7 @@ def parse_suffix_list(text: str) -> list[str]:
     if _REGEX_CHARACTERS & set(text):
         raise ArgumentTypeError(f"expected comma-separated module name suffixes, got the pattern {text!r} "
                                 "(modules_to_save matches name endings, not a regex)")
-    names = _comma_separated(text)
+    names = comma_separated(text)
     if not names:
         raise ArgumentTypeError(f"expected at least one module name, got {text!r}")
     return names
