@@ -5,20 +5,28 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from tiny_models import logits, tiny_bert, token_batch
 from ttpeft import training
 from ttpeft.cli import build_parser
+from ttpeft.errors import InputError
 from ttpeft.methods import get_method, method_config_fields
+from ttpeft.tuners.loretta_adp import layer as adp_layer
+from ttpeft.tuners.loretta_adp import model as adp_model
+from ttpeft.tuners.ttlora import layer as ttlora_layer
 
 PROBES = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "probes"
 
 
 def patched_apply_method(monkeypatch, probe: str, env: str):
-    """`training.apply_method` as the probe's sitecustomize leaves it (restored after the test)."""
+    """`training.apply_method` as the probe's sitecustomize leaves it; what the probes patch is restored
+    after the test."""
     monkeypatch.setenv(env, "1")
-    monkeypatch.setattr(training, "apply_method", training.apply_method)
+    for owner, name in ((training, "apply_method"), (ttlora_layer, "base_layer_features"),
+                        (adp_layer, "base_layer_features"), (adp_model.LorettaAdpModel, "_create_and_replace")):
+        monkeypatch.setattr(owner, name, getattr(owner, name))
     spec = importlib.util.spec_from_file_location(f"probe_{probe}", PROBES / probe / "sitecustomize.py")
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
     return training.apply_method
@@ -53,3 +61,22 @@ def test_norm_weights_only_freezes_the_trained_norms_biases(monkeypatch):
     peft_model, _ = apply_method(tiny_bert(), method, fields, training.ENCODER)
     trained = [(n, p) for n, p in peft_model.named_parameters() if "LayerNorm" in n and p.requires_grad]
     assert trained and all(n.endswith("weight") for n, _ in trained)
+
+
+def test_adapters_after_the_norms_wrap_each_layernorm_and_start_at_the_base_model(monkeypatch):
+    apply_method = patched_apply_method(monkeypatch, "adp_after_norm", "TTPEFT_PROBE_ADP_AFTER_NORM")
+    model, inputs = tiny_bert(), token_batch()
+    before = logits(model, inputs)
+    method, fields = method_and_fields(["--method", "loretta_adp", "--train-layernorms", "false", "--target-modules",
+                                        r".*layer\.\d+\.(attention\.)?output\.LayerNorm"])
+    peft_model, _ = apply_method(model, method, fields, training.ENCODER)
+    wrapped = [m.get_base_layer() for m in peft_model.modules() if hasattr(m, "loretta_adp_down")]
+    assert len(wrapped) == 4 and all(isinstance(base, torch.nn.LayerNorm) for base in wrapped)
+    torch.testing.assert_close(logits(peft_model, inputs), before)
+
+
+def test_without_the_probe_loretta_adp_refuses_a_layernorm_target():
+    method, fields = method_and_fields(["--method", "loretta_adp", "--train-layernorms", "false", "--target-modules",
+                                        r".*layer\.\d+\.output\.LayerNorm"])
+    with pytest.raises(InputError, match="LayerNorm"):
+        training.apply_method(tiny_bert(), method, fields, training.ENCODER)

@@ -87,6 +87,11 @@ METHODS = {
     "loretta_adp_10x_ln": ("loretta_adp", ["--param-budget", "2688", "--normalize-input", "true",
                                            "--adapter-bias", "false",
                                            "--layernorm-modules", r".*layer\.\d+\.output\.LayerNorm"]),
+    # loretta_adp_10x with its adapters on the outputs of the attention and feed-forward LayerNorms (one scale in
+    # every layer) instead of the dense layers (sizes 40-230x apart). Needs probes/adp_after_norm on PYTHONPATH
+    # with TTPEFT_PROBE_ADP_AFTER_NORM=1 (LoRETTA_adp adapts no LayerNorm otherwise, and says so).
+    "loretta_adp_10x_after_norm": ("loretta_adp", [*LORETTA_10X, "--target-modules",
+                                                   r".*layer\.\d+\.(attention\.)?output\.LayerNorm"]),
     # Ablations of TT-LoRA at the 10x budget (run only when named in --methods): a wide middle bond (the
     # rank of dW) between thin outer ones, `48,8 | 8,48` at ranks 2,7,2, 4,992 parameters; the same budget
     # spread over all four attention projections (rank 2).
@@ -128,8 +133,9 @@ METHODS = {
     "zero_shot": ("zero_shot", []),  # causal LMs: the prompt with no training (`ttpeft eval --model`)
 }
 ABLATIONS = ("loretta_adp_10x_ffn", "loretta_adp_10x_norm", "loretta_adp_10x_norm_c4", "loretta_adp_10x_norm_wu",
-             "loretta_adp_10x_norm_b16", "loretta_adp_10x_ffn_in", "loretta_adp_10x_ln", "ttlora_10x_mid",
-             "ttlora_10x_qkvo", "ttlora_10x_bal", "loretta_rep_noln", "loretta_adp_noln", "loretta_rep_lnlr")
+             "loretta_adp_10x_norm_b16", "loretta_adp_10x_ffn_in", "loretta_adp_10x_ln", "loretta_adp_10x_after_norm",
+             "ttlora_10x_mid", "ttlora_10x_qkvo", "ttlora_10x_bal", "loretta_rep_noln", "loretta_adp_noln",
+             "loretta_rep_lnlr")
 ENCODER_ONLY = ("head", "full")  # a causal LM scores label words and has no classification head
 # the causal-LM grid
 CAUSAL_DEFAULT = ["zero_shot", "lora_r8", "ttlora", "loretta_rep", "loretta_adp",
