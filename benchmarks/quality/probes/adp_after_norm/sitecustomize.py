@@ -33,8 +33,9 @@ if os.environ.get("TTPEFT_PROBE_ADP_AFTER_NORM") == "1":
 
     def create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if isinstance(target, nn.LayerNorm):
-            new_module = adp_layer.LorettaAdpLinear(target, adapter_name, adp_model.config_for_layer(config, current_key),
-                                                    module_name=current_key, placement="output")
+            layer_config = adp_model.config_for_layer(config, current_key)
+            new_module = adp_layer.LorettaAdpLinear(target, adapter_name, layer_config, module_name=current_key,
+                                                    placement="output")
             self._replace_module(parent, target_name, new_module, target)
             return
         return _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs)
