@@ -63,7 +63,11 @@ def minilm_adapter_params(variant: str) -> int:
 
 
 @pytest.mark.parametrize("variant", [v for v in grid.METHODS if "_10x" in v])
-def test_10x_variants_train_at_most_a_tenth_of_lora_r8_on_minilm(variant):
+def test_10x_variants_train_at_most_a_tenth_of_lora_r8_on_minilm(variant, monkeypatch):
+    if variant in grid.PROBE_VARIANTS:
+        from test_quality_probes import patched_apply_method
+
+        patched_apply_method(monkeypatch, *grid.PROBE_VARIANTS[variant])
     adapter = minilm_adapter_params(variant)
     assert 0.6 * 7000 < adapter <= minilm_adapter_params("lora_r8") / 10
 

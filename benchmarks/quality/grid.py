@@ -136,6 +136,8 @@ ABLATIONS = ("loretta_adp_10x_ffn", "loretta_adp_10x_norm", "loretta_adp_10x_nor
              "loretta_adp_10x_norm_b16", "loretta_adp_10x_ffn_in", "loretta_adp_10x_ln", "loretta_adp_10x_after_norm",
              "ttlora_10x_mid", "ttlora_10x_qkvo", "ttlora_10x_bal", "loretta_rep_noln", "loretta_adp_noln",
              "loretta_rep_lnlr")
+# Variants that run only with a probe loaded (its folder under probes/ on PYTHONPATH, its variable set to 1).
+PROBE_VARIANTS = {"loretta_adp_10x_after_norm": ("adp_after_norm", "TTPEFT_PROBE_ADP_AFTER_NORM")}
 ENCODER_ONLY = ("head", "full")  # a causal LM scores label words and has no classification head
 # the causal-LM grid
 CAUSAL_DEFAULT = ["zero_shot", "lora_r8", "ttlora", "loretta_rep", "loretta_adp",
