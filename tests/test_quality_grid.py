@@ -65,7 +65,7 @@ def minilm_adapter_params(variant: str) -> int:
 @pytest.mark.parametrize("variant", [v for v in grid.METHODS if "_10x" in v])
 def test_10x_variants_train_at_most_a_tenth_of_lora_r8_on_minilm(variant, monkeypatch):
     if variant in grid.PROBE_VARIANTS:
-        from test_quality_probes import patched_apply_method
+        from probe_helpers import patched_apply_method
 
         patched_apply_method(monkeypatch, *grid.PROBE_VARIANTS[variant])
     adapter = minilm_adapter_params(variant)

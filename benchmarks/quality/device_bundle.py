@@ -18,7 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from grid import REPO_ROOT, TASKS  # noqa: E402
+from grid import REPO_ROOT, TASKS, split_list  # noqa: E402
 
 SPLITS = ("train", "validation")
 CARRY_LIMIT = 64 * 2**20  # what travels: the tracked files, the untracked ones git does not ignore, and this folder
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the folder to write; it must not exist (default: device-bundle/ in the repository)")
     args = parser.parse_args(argv)
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = split_list(args.tasks)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         parser.error(f"unknown tasks {unknown}; valid: {', '.join(TASKS)}")
@@ -91,12 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     write_half_precision_model(Path(source.path), out / "model")
     copy_task_data(Path(args.data_dir), tasks, out / "data")
 
-    bundle = folder_bytes(out)
+    model_bytes, data_bytes = folder_bytes(out / "model"), folder_bytes(out / "data")
     inside_repo = out.resolve().is_relative_to(REPO_ROOT)
-    total = bundle + tracked_bytes(REPO_ROOT)
-    print(f"{out}: {bundle / 2**20:.1f} MiB (model {folder_bytes(out / 'model') / 2**20:.1f}, "
-          f"data {folder_bytes(out / 'data') / 2**20:.1f}); with the repository {total / 2**20:.1f} MiB "
-          f"of {CARRY_LIMIT // 2**20}")
+    total = model_bytes + data_bytes + tracked_bytes(REPO_ROOT)
+    print(f"{out}: {(model_bytes + data_bytes) / 2**20:.1f} MiB (model {model_bytes / 2**20:.1f}, "
+          f"data {data_bytes / 2**20:.1f}); with the repository {total / 2**20:.1f} MiB of {CARRY_LIMIT // 2**20}")
     if total > CARRY_LIMIT:
         print("over the limit: bundle fewer tasks", file=sys.stderr)
         return 1

@@ -46,9 +46,8 @@ if os.environ.get("TTPEFT_PROBE_PISSA") == "1":
                         p.copy_(c.to(p.dtype))
                     module.factor_cache.entries.pop(adapter, None)
                     delta = module.get_delta_weight(adapter)
-                    before = base.weight.data.clone()
+                    kept = torch.linalg.norm(delta) / torch.linalg.norm(base.weight)
                     base.weight.data -= delta.to(base.weight.dtype)
-                    kept = torch.linalg.norm(delta) / torch.linalg.norm(before)
                 moved += 1
                 print(f"pissa: {name}: ranks {ranks}, the adapter holds {kept:.3f} of |W0|", flush=True)
         print(f"pissa: {moved} layers", flush=True)
