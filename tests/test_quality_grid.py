@@ -40,14 +40,16 @@ def test_causal_variants_rename_encoder_modules():
     assert extra[extra.index("--target-modules") + 1] == "q_proj,v_proj"
 
 
-def test_causal_variants_rename_the_feed_forward_output_regex():
-    _, extra = grid.method_args("loretta_adp_10x_ffn", causal=True)
-    assert extra[extra.index("--target-modules") + 1] == "down_proj"
+@pytest.mark.parametrize("variant, causal_targets", [("loretta_adp_10x_ffn", "down_proj"),
+                                                      ("ttlora_10x_ffn", "gate_proj,up_proj,down_proj"),
+                                                      ("ttlora_10x_qv_ffn", "q_proj,v_proj,gate_proj,up_proj,down_proj")])
+def test_causal_variants_rename_the_feed_forward_regexes(variant, causal_targets):
+    _, extra = grid.method_args(variant, causal=True)
+    assert extra[extra.index("--target-modules") + 1] == causal_targets
 
 
-@functools.cache  # lora_r8's count is the reference of every parametrised case: build it once
-def minilm_adapter_params(variant: str) -> int:
-    """Trainable parameters of the variant on MiniLM (two labels), classifier head excluded."""
+def minilm_with_variant(variant: str):
+    """MiniLM (two labels) with the variant applied as `ttpeft train` would."""
     from transformers import AutoModelForSequenceClassification
 
     from ttpeft import training
@@ -59,7 +61,28 @@ def minilm_adapter_params(variant: str) -> int:
     fields = method_config_fields(method, vars(build_parser().parse_args(["train", "--method", method_name, *extra])))
     model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
     model, _ = training.apply_method(model, method, fields, training.ENCODER)
+    return model
+
+
+@functools.cache  # lora_r8's count is the reference of every parametrised case: build it once
+def minilm_adapter_params(variant: str) -> int:
+    """Trainable parameters of the variant on MiniLM (two labels), classifier head excluded."""
+    from ttpeft import training
+
+    model = minilm_with_variant(variant)
     return training.count_parameters(model)[0] - training.count_head_parameters(model)
+
+
+@pytest.mark.parametrize("variant, adapted", [
+    ("ttlora_10x_ffn", ("intermediate.dense", "output.dense")),
+    ("ttlora_10x_qv_ffn", ("attention.self.query", "attention.self.value", "intermediate.dense", "output.dense")),
+])
+def test_feed_forward_variants_adapt_the_feed_forward_block_and_not_the_attention_output(variant, adapted):
+    from ttpeft.tuners.ttlora.layer import TTLoraLayer
+
+    names = [name for name, module in minilm_with_variant(variant).named_modules() if isinstance(module, TTLoraLayer)]
+    suffixes = sorted({name.split(".layer.")[1].split(".", 1)[1] for name in names})
+    assert suffixes == sorted(adapted) and len(names) == 6 * len(adapted)
 
 
 @pytest.mark.parametrize("variant", [v for v in grid.METHODS if "_10x" in v])
