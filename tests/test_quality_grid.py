@@ -40,9 +40,11 @@ def test_causal_variants_rename_encoder_modules():
     assert extra[extra.index("--target-modules") + 1] == "q_proj,v_proj"
 
 
-@pytest.mark.parametrize("variant, causal_targets", [("loretta_adp_10x_ffn", "down_proj"),
-                                                      ("ttlora_10x_ffn", "gate_proj,up_proj,down_proj"),
-                                                      ("ttlora_10x_qv_ffn", "q_proj,v_proj,gate_proj,up_proj,down_proj")])
+@pytest.mark.parametrize("variant, causal_targets", [
+    ("loretta_adp_10x_ffn", "down_proj"),
+    ("ttlora_10x_ffn", "gate_proj,up_proj,down_proj"),
+    ("ttlora_10x_qv_ffn", "q_proj,v_proj,gate_proj,up_proj,down_proj"),
+])
 def test_causal_variants_rename_the_feed_forward_regexes(variant, causal_targets):
     _, extra = grid.method_args(variant, causal=True)
     assert extra[extra.index("--target-modules") + 1] == causal_targets

@@ -100,9 +100,9 @@ METHODS = {
     "ttlora_10x_mid": ("ttlora", ["--factors-per-side", "2", "--tt-rank", "2,7,2"]),
     "ttlora_10x_qkvo": ("ttlora", ["--param-budget", "7000", "--factors-per-side", "2",
                                    "--target-modules", "query,key,value,attention.output.dense"]),
-    # The budget on the feed-forward block instead of query and value (IA3 and LN tuning, the leaders at this
-    # budget, act there): a tensor train makes the 384 x 1536 matrices cost little more than the 384 x 384 ones,
-    # rank 2-3 (6,840 parameters); and on query, value and the feed-forward block at rank 2 (6,928).
+    # The budget on the feed-forward block instead of query and value (on query and value TT-LoRA fits more slowly
+    # than IA3 and LoKr): a tensor train makes the 384 x 1536 matrices cost little more than the 384 x 384 ones,
+    # rank 2-3 (6,840 parameters); and on query, value and the feed-forward block at rank 2-3 (6,928).
     "ttlora_10x_ffn": ("ttlora", ["--param-budget", "7000", "--factors-per-side", "2",
                                   "--target-modules", FFN_DENSE]),
     "ttlora_10x_qv_ffn": ("ttlora", ["--param-budget", "7000", "--factors-per-side", "2",
@@ -143,8 +143,8 @@ METHODS = {
 }
 ABLATIONS = ("loretta_adp_10x_ffn", "loretta_adp_10x_norm", "loretta_adp_10x_norm_c4", "loretta_adp_10x_norm_wu",
              "loretta_adp_10x_norm_b16", "loretta_adp_10x_ffn_in", "loretta_adp_10x_ln", "loretta_adp_10x_after_norm",
-             "ttlora_10x_mid", "ttlora_10x_qkvo", "ttlora_10x_bal", "ttlora_10x_ffn", "ttlora_10x_qv_ffn", "loretta_rep_noln", "loretta_adp_noln",
-             "loretta_rep_lnlr")
+             "ttlora_10x_mid", "ttlora_10x_qkvo", "ttlora_10x_bal", "ttlora_10x_ffn", "ttlora_10x_qv_ffn",
+             "loretta_rep_noln", "loretta_adp_noln", "loretta_rep_lnlr")
 # Variants that run only with a probe loaded (its folder under probes/ on PYTHONPATH, its variable set to 1).
 PROBE_VARIANTS = {"loretta_adp_10x_after_norm": ("adp_after_norm", "TTPEFT_PROBE_ADP_AFTER_NORM")}
 ENCODER_ONLY = ("head", "full")  # a causal LM scores label words and has no classification head
