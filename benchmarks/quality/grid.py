@@ -107,6 +107,9 @@ METHODS = {
                                   "--target-modules", FFN_DENSE]),
     "ttlora_10x_qv_ffn": ("ttlora", ["--param-budget", "7000", "--factors-per-side", "2",
                                      "--target-modules", QV_FFN_DENSE]),
+    # LoRETTA_rep's budget on the feed-forward block (its default cores: with 2 a side the 1536-wide trains drop
+    # to rank 1): rank 3, 6,792 parameters.
+    "loretta_rep_10x_ffn": ("loretta_rep", [*LORETTA_10X, "--target-modules", FFN_DENSE]),
     # The same cores in a balanced gauge: every random core gets one entry scale (the geometric mean of the
     # default's), so ΔW's statistics are unchanged but Adam, which is not gauge-invariant, moves each core
     # at the same relative rate.
@@ -144,7 +147,7 @@ METHODS = {
 ABLATIONS = ("loretta_adp_10x_ffn", "loretta_adp_10x_norm", "loretta_adp_10x_norm_c4", "loretta_adp_10x_norm_wu",
              "loretta_adp_10x_norm_b16", "loretta_adp_10x_ffn_in", "loretta_adp_10x_ln", "loretta_adp_10x_after_norm",
              "ttlora_10x_mid", "ttlora_10x_qkvo", "ttlora_10x_bal", "ttlora_10x_ffn", "ttlora_10x_qv_ffn",
-             "loretta_rep_noln", "loretta_adp_noln", "loretta_rep_lnlr")
+             "loretta_rep_10x_ffn", "loretta_rep_noln", "loretta_adp_noln", "loretta_rep_lnlr")
 # Variants that run only with a probe loaded (its folder under probes/ on PYTHONPATH, its variable set to 1).
 PROBE_VARIANTS = {"loretta_adp_10x_after_norm": ("adp_after_norm", "TTPEFT_PROBE_ADP_AFTER_NORM")}
 ENCODER_ONLY = ("head", "full")  # a causal LM scores label words and has no classification head
