@@ -87,6 +87,31 @@ def test_feed_forward_variants_adapt_the_feed_forward_block_and_not_the_attentio
     assert suffixes == sorted(adapted) and len(names) == 6 * len(adapted)
 
 
+@pytest.mark.parametrize("variant, rank", [("ttlora_10x_ffn_ln", 2), ("ttlora_10x_ffn_ln_r1", 1)])
+def test_feed_forward_variants_with_norms_train_the_block_at_one_rank_and_its_six_output_norms(variant, rank):
+    from ttpeft.tuners.ttlora.layer import TTLoraLayer
+
+    model = minilm_with_variant(variant)
+    trained = {name.split(".layer.")[1].split(".", 1)[1].split(".ttlora_cores")[0].split(".modules_to_save")[0]
+               for name, param in model.named_parameters() if param.requires_grad and ".layer." in name}
+    assert trained == {"intermediate.dense", "output.dense", "output.LayerNorm"}  # no attention norm
+    trains = [list(module.ttlora_cores["default"]) for module in model.modules() if isinstance(module, TTLoraLayer)]
+    assert len(trains) == 12
+    assert {core.shape[-1] for cores in trains for core in cores[:-1]} == {rank}  # every inner bond
+
+
+def test_bias_free_adapters_train_no_bias_and_give_the_budget_to_the_trains():
+    def adapter_params(variant):
+        return {name: param.numel() for name, param in minilm_with_variant(variant).named_parameters()
+                if param.requires_grad and "classifier" not in name}
+
+    bias_free, published = adapter_params("loretta_adp_10x_nobias"), adapter_params("loretta_adp_10x")
+    assert bias_free and not [name for name in bias_free if "bias" in name]
+    assert 0.95 * 7000 < sum(bias_free.values()) <= 7000
+    published_trains = sum(n for name, n in published.items() if "bias" not in name)
+    assert sum(bias_free.values()) > 4 * published_trains
+
+
 @pytest.mark.parametrize("variant", [v for v in grid.METHODS if "_10x" in v])
 def test_10x_variants_train_at_most_a_tenth_of_lora_r8_on_minilm(variant, monkeypatch):
     if variant in grid.PROBE_VARIANTS:

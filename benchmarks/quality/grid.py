@@ -39,6 +39,7 @@ TRAIN_SIZES = {"sst2": 67349, "rte": 2490, "stsb": 5749, "cb": 250, "boolq": 942
 LORETTA_10X = ["--param-budget", "7000", "--train-layernorms", "false"]
 ADP_10X_NORM = [*LORETTA_10X, "--normalize-input", "true"]
 FFN_DENSE = r".*layer\.\d+\.(intermediate|output)\.dense"  # not attention.output.dense
+FFN_NORMS = ",".join(f"layer.{i}.output.LayerNorm" for i in range(6))  # MiniLM's six feed-forward output norms
 QV_FFN_DENSE = r".*layer\.\d+\.(attention\.self\.(query|value)|intermediate\.dense|output\.dense)"
 
 # Method variant -> (ttpeft method, extra `ttpeft train` arguments). The variant name is the grid's label.
@@ -62,8 +63,7 @@ METHODS = {
     "loretta_rep_10x_ln": ("loretta_rep", ["--param-budget", "2688", "--tensor-cores", "2",
                                            "--layernorm-modules", r".*layer\.\d+\.output\.LayerNorm"]),
     # TT-LoRA with the same six norms (its paper trains none; peft's modules_to_save): rank-2 trains, 2,688.
-    "ttlora_10x_ln": ("ttlora", ["--param-budget", "2688", "--factors-per-side", "2",
-                                 "--modules-to-save", ",".join(f"layer.{i}.output.LayerNorm" for i in range(6))]),
+    "ttlora_10x_ln": ("ttlora", ["--param-budget", "2688", "--factors-per-side", "2", "--modules-to-save", FFN_NORMS]),
     # Two adapters per block spend 5,376 of those 7,000 on biases (64 + 384 each), leaving rank-1/2 trains; one
     # adapter per block, after the feed-forward output (Pfeiffer et al.'s placement), gets rank 4.
     "loretta_adp_10x_ffn": ("loretta_adp", [*LORETTA_10X, "--target-modules", r".*layer\.\d+\.output\.dense"]),
@@ -89,6 +89,8 @@ METHODS = {
     "loretta_adp_10x_ln": ("loretta_adp", ["--param-budget", "2688", "--normalize-input", "true",
                                            "--adapter-bias", "false",
                                            "--layernorm-modules", r".*layer\.\d+\.output\.LayerNorm"]),
+    # loretta_adp_10x without the projection biases (5,376 of the 7,000): the trains get them, rank 3-4 (6,924).
+    "loretta_adp_10x_nobias": ("loretta_adp", [*LORETTA_10X, "--adapter-bias", "false"]),
     # loretta_adp_10x with its adapters on the outputs of the attention and feed-forward LayerNorms (one scale in
     # every layer) instead of the dense layers (sizes 40-230x apart). Needs probes/adp_after_norm on PYTHONPATH
     # with TTPEFT_PROBE_ADP_AFTER_NORM=1 (LoRETTA_adp adapts no LayerNorm otherwise, and says so).
@@ -107,6 +109,13 @@ METHODS = {
                                   "--target-modules", FFN_DENSE]),
     "ttlora_10x_qv_ffn": ("ttlora", ["--param-budget", "7000", "--factors-per-side", "2",
                                      "--target-modules", QV_FFN_DENSE]),
+    # TT-LoRA on the feed-forward block with the six norms of ttlora_10x_ln (4,608): the norms lifted TT-LoRA's SST-2
+    # on query and value, the block its STS-B. Uniform rank 2 needs 3 factors a side (`8,8,6 | 8,12,16`, 2,208:
+    # 6,816 in all, 10.8x); with 2 a side it is rank 1 (1,440: 6,048, 12.2x).
+    "ttlora_10x_ffn_ln": ("ttlora", ["--tt-rank", "2", "--factors-per-side", "3", "--target-modules", FFN_DENSE,
+                                     "--modules-to-save", FFN_NORMS]),
+    "ttlora_10x_ffn_ln_r1": ("ttlora", ["--tt-rank", "1", "--factors-per-side", "2", "--target-modules", FFN_DENSE,
+                                        "--modules-to-save", FFN_NORMS]),
     # LoRETTA_rep's budget on the feed-forward block (its default cores: with 2 a side the 1536-wide trains drop
     # to rank 1): rank 3, 6,792 parameters.
     "loretta_rep_10x_ffn": ("loretta_rep", [*LORETTA_10X, "--target-modules", FFN_DENSE]),
@@ -146,6 +155,7 @@ METHODS = {
 }
 ABLATIONS = ("loretta_adp_10x_ffn", "loretta_adp_10x_norm", "loretta_adp_10x_norm_c4", "loretta_adp_10x_norm_wu",
              "loretta_adp_10x_norm_b16", "loretta_adp_10x_ffn_in", "loretta_adp_10x_ln", "loretta_adp_10x_after_norm",
+             "loretta_adp_10x_nobias", "ttlora_10x_ffn_ln", "ttlora_10x_ffn_ln_r1",
              "ttlora_10x_mid", "ttlora_10x_qkvo", "ttlora_10x_bal", "ttlora_10x_ffn", "ttlora_10x_qv_ffn",
              "loretta_rep_10x_ffn", "loretta_rep_noln", "loretta_adp_noln", "loretta_rep_lnlr")
 # Variants that run only with a probe loaded (its folder under probes/ on PYTHONPATH, its variable set to 1).
