@@ -109,9 +109,9 @@ METHODS = {
                                   "--target-modules", FFN_DENSE]),
     "ttlora_10x_qv_ffn": ("ttlora", ["--param-budget", "7000", "--factors-per-side", "2",
                                      "--target-modules", QV_FFN_DENSE]),
-    # TT-LoRA on the feed-forward block with the six norms of ttlora_10x_ln (4,608): the norms lifted TT-LoRA's SST-2
-    # on query and value, the block its STS-B. Uniform rank 2 needs 3 factors a side (`8,8,6 | 8,12,16`, 2,208:
-    # 6,816 in all, 10.8x); with 2 a side it is rank 1 (1,440: 6,048, 12.2x).
+    # TT-LoRA on the feed-forward block with the six norms of ttlora_10x_ln (4,608): the norms lifted TT-LoRA's STS-B
+    # on query and value, and the block is where its budget fits fastest. Uniform rank 2 needs 3 factors a side
+    # (`8,8,6 | 8,12,16`, 2,208: 6,816 in all, 10.8x); with 2 a side it is rank 1 (1,440: 6,048, 12.2x).
     "ttlora_10x_ffn_ln": ("ttlora", ["--tt-rank", "2", "--factors-per-side", "3", "--target-modules", FFN_DENSE,
                                      "--modules-to-save", FFN_NORMS]),
     "ttlora_10x_ffn_ln_r1": ("ttlora", ["--tt-rank", "1", "--factors-per-side", "2", "--target-modules", FFN_DENSE,
