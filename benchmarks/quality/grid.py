@@ -39,7 +39,9 @@ TRAIN_SIZES = {"sst2": 67349, "rte": 2490, "stsb": 5749, "cb": 250, "boolq": 942
 LORETTA_10X = ["--param-budget", "7000", "--train-layernorms", "false"]
 ADP_10X_NORM = [*LORETTA_10X, "--normalize-input", "true"]
 FFN_DENSE = r".*layer\.\d+\.(intermediate|output)\.dense"  # not attention.output.dense
-FFN_NORMS = ",".join(f"layer.{i}.output.LayerNorm" for i in range(6))  # MiniLM's six feed-forward output norms
+FFN_NORM_PATTERN = r".*layer\.\d+\.output\.LayerNorm"  # the feed-forward output norms (not attention's)
+# The same six norms of MiniLM by name, for --modules-to-save (peft matches its entries by name suffix, not pattern).
+FFN_NORMS = ",".join(f"layer.{i}.output.LayerNorm" for i in range(6))
 QV_FFN_DENSE = r".*layer\.\d+\.(attention\.self\.(query|value)|intermediate\.dense|output\.dense)"
 
 # Method variant -> (ttpeft method, extra `ttpeft train` arguments). The variant name is the grid's label.
@@ -61,7 +63,7 @@ METHODS = {
     # LoRETTA_rep as published trains every layer norm (9,984 parameters on MiniLM, over the 10x budget); this
     # one trains the six feed-forward output norms (4,608) and rank-1 trains (2,688): 7,296 in all, 10.1x.
     "loretta_rep_10x_ln": ("loretta_rep", ["--param-budget", "2688", "--tensor-cores", "2",
-                                           "--layernorm-modules", r".*layer\.\d+\.output\.LayerNorm"]),
+                                           "--layernorm-modules", FFN_NORM_PATTERN]),
     # TT-LoRA with the same six norms (its paper trains none; peft's modules_to_save): rank-2 trains, 2,688.
     "ttlora_10x_ln": ("ttlora", ["--param-budget", "2688", "--factors-per-side", "2", "--modules-to-save", FFN_NORMS]),
     # Two adapters per block spend 5,376 of those 7,000 on biases (64 + 384 each), leaving rank-1/2 trains; one
@@ -88,7 +90,7 @@ METHODS = {
     # after seed 0 (STS-B never started, SST-2 70.8: held-out-probes/adapter-bias.txt).
     "loretta_adp_10x_ln": ("loretta_adp", ["--param-budget", "2688", "--normalize-input", "true",
                                            "--adapter-bias", "false",
-                                           "--layernorm-modules", r".*layer\.\d+\.output\.LayerNorm"]),
+                                           "--layernorm-modules", FFN_NORM_PATTERN]),
     # loretta_adp_10x without the projection biases (5,376 of the 7,000): the trains get them, rank 3-4 (6,924).
     "loretta_adp_10x_nobias": ("loretta_adp", [*LORETTA_10X, "--adapter-bias", "false"]),
     # loretta_adp_10x with its adapters on the outputs of the attention and feed-forward LayerNorms (one scale in
@@ -150,7 +152,7 @@ METHODS = {
     "ia3_10x": ("ia3", ["--target-modules", "key,value,attention.output.dense"]),
     "ln_tuning": ("ln_tuning", []),  # every layer norm: 9,984 parameters on MiniLM
     # LN tuning at loretta_rep_10x_ln's norms: the six feed-forward output norms (4,608).
-    "ln_tuning_10x": ("ln_tuning", ["--target-modules", r".*layer\.\d+\.output\.LayerNorm"]),
+    "ln_tuning_10x": ("ln_tuning", ["--target-modules", FFN_NORM_PATTERN]),
     "zero_shot": ("zero_shot", []),  # causal LMs: the prompt with no training (`ttpeft eval --model`)
 }
 ABLATIONS = ("loretta_adp_10x_ffn", "loretta_adp_10x_norm", "loretta_adp_10x_norm_c4", "loretta_adp_10x_norm_wu",
