@@ -112,6 +112,20 @@ def test_bias_free_adapters_train_no_bias_and_give_the_budget_to_the_trains():
     assert sum(bias_free.values()) > 4 * published_trains
 
 
+@pytest.mark.parametrize("variant, starts_at_base", [("loretta_adp_10x_norm", True),
+                                                     ("loretta_adp_10x_norm_ref", False)])
+def test_the_published_start_moves_the_model_off_the_base_model_and_the_default_does_not(variant, starts_at_base):
+    import torch
+
+    model = minilm_with_variant(variant).eval()
+    ids = torch.tensor([[101, 7592, 2088, 2003, 2307, 102]])
+    with torch.no_grad():
+        adapted = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        with model.disable_adapter():
+            base = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    assert torch.allclose(adapted, base) is starts_at_base
+
+
 @pytest.mark.parametrize("variant", [v for v in grid.METHODS if "_10x" in v])
 def test_10x_variants_train_at_most_a_tenth_of_lora_r8_on_minilm(variant, monkeypatch):
     if variant in grid.PROBE_VARIANTS:
