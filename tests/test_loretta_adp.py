@@ -66,6 +66,15 @@ def test_input_and_output_adapters_compute_what_they_claim():
     torch.testing.assert_close(down(h), base_out + down.adapter_output("default", base_out))
 
 
+@pytest.mark.parametrize("non_linearity, affine", [("linear", True), ("relu", False), ("gelu", False)])
+def test_the_named_non_linearity_sits_between_the_projections(non_linearity, affine):
+    down = adp(tiny_llama(), init="reference", non_linearity=non_linearity).base_model.model.model.layers[0].mlp.down_proj
+    a, b = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    out = lambda h: down.adapter_output("default", h)  # noqa: E731
+    # up(act(down(h))) is affine in h exactly when act is the identity
+    assert torch.allclose(out(a + b) - out(b), out(a) - out(torch.zeros_like(a)), atol=1e-5) == affine
+
+
 def test_bert_placement_after_each_output_dense():
     model = adp(tiny_bert(), task_type="SEQ_CLS")
     found = placements(model)

@@ -118,11 +118,17 @@ def test_bias_free_adapters_train_no_bias_and_give_the_budget_to_the_trains():
     assert sum(bias_free.values()) > 4 * published_trains
 
 
-def test_the_published_start_variant_differs_from_the_normalised_adapter_only_in_its_start():
-    # what the published start does to the model is tested with the layer (test_loretta_adp.py)
-    method, published_start = variant_method_and_fields("loretta_adp_10x_norm_ref")
-    assert method.name == "loretta_adp" and published_start.pop("init") == "reference"
-    assert published_start == variant_method_and_fields("loretta_adp_10x_norm")[1]
+@pytest.mark.parametrize("variant, field, value", [
+    ("loretta_adp_10x_norm_ref", "init", "reference"),
+    ("loretta_adp_10x_norm_gelu", "non_linearity", "gelu"),
+    ("loretta_adp_10x_norm_linear", "non_linearity", "linear"),
+])
+def test_ablations_of_the_normalised_adapter_change_only_their_one_field(variant, field, value):
+    # what each setting does to the model is tested with the layer (test_loretta_adp.py)
+    method, ablation = variant_method_and_fields(variant)
+    normalised = variant_method_and_fields("loretta_adp_10x_norm")[1]
+    assert method.name == "loretta_adp" and ablation.pop(field) == value != normalised.pop(field, None)
+    assert ablation == normalised
 
 
 @pytest.mark.parametrize("variant", [v for v in grid.METHODS if "_10x" in v])

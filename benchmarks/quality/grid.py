@@ -94,6 +94,10 @@ METHODS = {
     # loretta_adp_10x_norm started as the published code starts it (`--init reference`): both trains random and
     # the biases at nn.Linear's init, so the adapter's output is not zero at step 0.
     "loretta_adp_10x_norm_ref": ("loretta_adp", [*ADP_10X_NORM, "--init", "reference"]),
+    # loretta_adp_10x_norm with another bottleneck activation than the published ReLU (which zeroes about half of
+    # a zero-mean bottleneck): GELU, MiniLM's own; and none, which leaves a residual low-rank map plus biases.
+    "loretta_adp_10x_norm_gelu": ("loretta_adp", [*ADP_10X_NORM, "--non-linearity", "gelu"]),
+    "loretta_adp_10x_norm_linear": ("loretta_adp", [*ADP_10X_NORM, "--non-linearity", "linear"]),
     # loretta_adp_10x without the projection biases (5,376 of the 7,000): the trains get them, rank 3-4 (6,924).
     "loretta_adp_10x_nobias": ("loretta_adp", [*LORETTA_10X, "--adapter-bias", "false"]),
     # loretta_adp_10x with its adapters on the outputs of the attention and feed-forward LayerNorms (one scale in
@@ -160,7 +164,8 @@ METHODS = {
 }
 ABLATIONS = ("loretta_adp_10x_ffn", "loretta_adp_10x_norm", "loretta_adp_10x_norm_c4", "loretta_adp_10x_norm_wu",
              "loretta_adp_10x_norm_b16", "loretta_adp_10x_ffn_in", "loretta_adp_10x_ln", "loretta_adp_10x_after_norm",
-             "loretta_adp_10x_nobias", "loretta_adp_10x_norm_ref", "ttlora_10x_ffn_ln", "ttlora_10x_ffn_ln_r1",
+             "loretta_adp_10x_nobias", "loretta_adp_10x_norm_ref", "loretta_adp_10x_norm_gelu",
+             "loretta_adp_10x_norm_linear", "ttlora_10x_ffn_ln", "ttlora_10x_ffn_ln_r1",
              "ttlora_10x_mid", "ttlora_10x_qkvo", "ttlora_10x_bal", "ttlora_10x_ffn", "ttlora_10x_qv_ffn",
              "loretta_rep_10x_ffn", "loretta_rep_noln", "loretta_adp_noln", "loretta_rep_lnlr")
 # Variants that run only with a probe loaded (its folder under probes/ on PYTHONPATH, its variable set to 1).
