@@ -1,6 +1,11 @@
-"""Probes of the accuracy benchmark that patch `ttpeft train` at interpreter start: what each promises to change."""
+"""Probes of the accuracy benchmark that patch `ttpeft train` at interpreter start: what each promises to change;
+and the probes kept as patches still apply, as the benchmark's README says they do."""
 
 from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +16,17 @@ from ttpeft import training
 from ttpeft.cli import build_parser
 from ttpeft.errors import InputError
 from ttpeft.methods import get_method, method_config_fields
+
+
+REPO = Path(__file__).resolve().parents[1]
+PATCHES = sorted((REPO / "benchmarks" / "quality" / "probes").glob("*.patch"))
+
+
+@pytest.mark.skipif(not (REPO / ".git").exists() or shutil.which("git") is None, reason="needs a git checkout")
+@pytest.mark.parametrize("patch", PATCHES, ids=lambda path: path.name)
+def test_every_probe_patch_applies_to_this_tree(patch):
+    check = subprocess.run(["git", "apply", "--check", str(patch)], cwd=REPO, capture_output=True, text=True)
+    assert check.returncode == 0, f"{patch.name} no longer applies; rebase it onto this tree: {check.stderr}"
 
 
 def method_and_fields(argv: list[str]):
