@@ -125,9 +125,12 @@ def test_bias_free_adapters_train_no_bias_and_give_the_budget_to_the_trains():
 ])
 def test_ablations_of_the_normalised_adapter_change_only_their_one_field(variant, field, value):
     # what each setting does to the model is tested with the layer (test_loretta_adp.py)
+    from ttpeft import LorettaAdpConfig
+
     method, ablation = variant_method_and_fields(variant)
     normalised = variant_method_and_fields("loretta_adp_10x_norm")[1]
-    assert method.name == "loretta_adp" and ablation.pop(field) == value != normalised.pop(field, None)
+    normalised_value = normalised.pop(field, getattr(LorettaAdpConfig(), field))  # absent: the config's default
+    assert method.name == "loretta_adp" and ablation.pop(field) == value != normalised_value
     assert ablation == normalised
 
 
