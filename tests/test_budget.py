@@ -186,6 +186,19 @@ def test_loretta_adp_counts_biases_in_the_budget():
     assert 2700 < adapter_params(model, "loretta_adp_") <= 3000
 
 
+def test_a_weight_normalised_adapter_counts_its_gain_in_the_budget():
+    from ttpeft.budget import rule_for_config
+
+    config = LorettaAdpConfig(param_budget=3000, bottleneck_size=8, weight_norm=True, train_layernorms=False)
+    assert rule_for_config(config, "loretta_adp").bias_params == 1
+    model = get_peft_model(tiny_bert(), config)
+    gains = [n for n, p in model.named_parameters() if "loretta_adp_gain" in n]
+    assert len(gains) == len(config.layer_plan) > 0
+    assert adapter_params(model, "loretta_adp_") == sum(
+        tt_num_params(f["down_tensor_shape"], f["tensor_rank"]) + tt_num_params(f["up_tensor_shape"], f["tensor_rank"])
+        + 8 + 32 + 1 for f in config.layer_plan.values()) <= 3000
+
+
 def llama_2_7b_on_meta():
     from transformers import AutoModelForCausalLM, LlamaConfig
 

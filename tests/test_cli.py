@@ -101,11 +101,12 @@ def test_input_adapter_modules_option_reaches_the_loretta_adp_config():
         "target_modules": ["intermediate.dense"], "input_adapter_modules": ["intermediate.dense"]}
 
 
-def test_normalize_input_option_reaches_the_loretta_adp_config():
+@pytest.mark.parametrize("option, field", [("--normalize-input", "normalize_input"), ("--weight-norm", "weight_norm")])
+def test_loretta_adp_switches_reach_its_config(option, field):
     from ttpeft.methods import get_method, method_config_fields
 
-    args = build_parser().parse_args(["train", "--method", "loretta_adp", "--normalize-input", "true"])
-    assert method_config_fields(get_method("loretta_adp"), vars(args), {}) == {"normalize_input": True}
+    args = build_parser().parse_args(["train", "--method", "loretta_adp", option, "true"])
+    assert method_config_fields(get_method("loretta_adp"), vars(args), {}) == {field: True}
 
 
 def test_layernorm_modules_option_reaches_both_loretta_configs():

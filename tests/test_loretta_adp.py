@@ -197,6 +197,40 @@ def test_bfloat16_base_follows_the_base_dtype():
     assert torch.isfinite(logits(model, inputs)).all()
 
 
+def test_weight_norm_starts_at_the_base_with_up_random_and_its_gain_bounds_the_output(tmp_path):
+    inputs = token_batch()
+    model = adp(tiny_bert(), task_type="SEQ_CLS", normalize_input=True, weight_norm=True)
+    torch.testing.assert_close(logits(model, inputs), logits(tiny_bert(), inputs))  # a zero gain: the base model
+    dense = model.base_model.model.bert.encoder.layer[0].output.dense
+    assert all(core.abs().min() > 0 for core in dense.loretta_adp_up["default"])  # no zero core: a direction
+    train_steps(model, inputs)
+    gain = dense.loretta_adp_gain["default"]
+    assert gain.item() != 0
+    h = torch.randn(2, 5, 32)
+    bias = dense.loretta_adp_up_bias["default"]
+    with torch.no_grad():
+        out = dense.adapter_output("default", h) - bias
+        # neither train's scale reaches the output: only the gain sets it
+        for train, factor in ((dense.loretta_adp_down, 7.0), (dense.loretta_adp_up, 0.1)):
+            train["default"][1].mul_(factor)
+        dense.factor_cache.entries.clear()
+        torch.testing.assert_close(dense.adapter_output("default", h) - bias, out)
+        gain.mul_(3.0)
+        torch.testing.assert_close(dense.adapter_output("default", h) - bias, 3.0 * out)
+        gain.div_(3.0)
+        # per token, up's part is at most |gain| times the bottleneck activation's norm (up has unit norm)
+        down = dense.factor_cache.factors(dense.factor_ref("default"))[0]
+        z = torch.relu(h / h.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() @ (down * (8 / 3) ** 0.5 / down.norm())
+                       + dense.loretta_adp_down_bias["default"])
+        assert (out.norm(dim=-1) <= gain.abs() * z.norm(dim=-1) * (1 + 1e-5)).all()
+        assert (out.norm(dim=-1) > 0.05 * gain.abs() * z.norm(dim=-1)).any()
+    split = dense.adapter_output("default", h)
+    dense.loretta_adp_contraction["default"] = "sequential"
+    torch.testing.assert_close(dense.adapter_output("default", h), split)
+    dense.loretta_adp_contraction["default"] = "split"
+    torch.testing.assert_close(logits_after_reload(model, inputs, "tiny_bert", tmp_path), logits(model, inputs))
+
+
 @pytest.mark.parametrize("kwargs, words", [
     ({"bottleneck_size": 0}, ["bottleneck_size=0", "int >= 1"]),
     ({"non_linearity": "swishy"}, ["non_linearity='swishy'", "relu"]),
@@ -205,6 +239,8 @@ def test_bfloat16_base_follows_the_base_dtype():
     ({"input_adapter_modules": "gate_proj"}, ["input_adapter_modules", "list of module names"]),
     ({"normalize_input": "yes"}, ["normalize_input='yes'", "True or False"]),
     ({"adapter_bias": 0}, ["adapter_bias=0", "True or False"]),
+    ({"weight_norm": 1}, ["weight_norm=1", "True or False"]),
+    ({"weight_norm": True, "init": "reference"}, ["weight_norm=True", "init='reference'", "init='zero'"]),
 ])
 def test_bad_config_values_raise_clear_errors(kwargs, words):
     with pytest.raises(ValueError) as err:

@@ -122,6 +122,7 @@ def test_bias_free_adapters_train_no_bias_and_give_the_budget_to_the_trains():
     ("loretta_adp_10x_norm_ref", "init", "reference"),
     ("loretta_adp_10x_norm_gelu", "non_linearity", "gelu"),
     ("loretta_adp_10x_norm_linear", "non_linearity", "linear"),
+    ("loretta_adp_10x_norm_wn", "weight_norm", True),
 ])
 def test_ablations_of_the_normalised_adapter_change_only_their_one_field(variant, field, value):
     # what each setting does to the model is tested with the layer (test_loretta_adp.py)

@@ -5,6 +5,7 @@ import torch
 from ttpeft.tensor_train import (
     TensorTrain,
     contract_cores,
+    frobenius_norm,
     full_ranks,
     max_useful_ranks,
     to_dense,
@@ -30,6 +31,12 @@ def test_dense_reconstruction_matches_einsum(shape, rank):
     assert tt.shape == shape
     assert torch.allclose(tt.to_dense(), einsum_dense(tt.cores))
     assert tt.num_params() == tt_num_params(shape, rank)
+
+
+@pytest.mark.parametrize("shape,rank", [((5,), 1), ((3, 4), 2), ((4, 2, 3, 5, 2), 3)])
+def test_frobenius_norm_from_the_cores_is_the_dense_tensors(shape, rank):
+    tt = TensorTrain.random(shape, rank, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.testing.assert_close(frobenius_norm(tt.cores), torch.linalg.vector_norm(tt.to_dense()))
 
 
 def test_parameter_count_formula():

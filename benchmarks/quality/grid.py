@@ -98,6 +98,9 @@ METHODS = {
     # a zero-mean bottleneck): GELU, MiniLM's own; and none, which leaves a residual low-rank map plus biases.
     "loretta_adp_10x_norm_gelu": ("loretta_adp", [*ADP_10X_NORM, "--non-linearity", "gelu"]),
     "loretta_adp_10x_norm_linear": ("loretta_adp", [*ADP_10X_NORM, "--non-linearity", "linear"]),
+    # loretta_adp_10x_norm with weight-normalised projections: up's output grows with one gain (from 0), not
+    # with a product of five cores, which under Adam outgrew the sublayer outputs in the first steps (README).
+    "loretta_adp_10x_norm_wn": ("loretta_adp", [*ADP_10X_NORM, "--weight-norm", "true"]),
     # loretta_adp_10x without the projection biases (5,376 of the 7,000): the trains get them, rank 3-4 (6,924).
     "loretta_adp_10x_nobias": ("loretta_adp", [*LORETTA_10X, "--adapter-bias", "false"]),
     # loretta_adp_10x with its adapters on the outputs of the attention and feed-forward LayerNorms (one scale in
@@ -165,7 +168,7 @@ METHODS = {
 ABLATIONS = ("loretta_adp_10x_ffn", "loretta_adp_10x_norm", "loretta_adp_10x_norm_c4", "loretta_adp_10x_norm_wu",
              "loretta_adp_10x_norm_b16", "loretta_adp_10x_ffn_in", "loretta_adp_10x_ln", "loretta_adp_10x_after_norm",
              "loretta_adp_10x_nobias", "loretta_adp_10x_norm_ref", "loretta_adp_10x_norm_gelu",
-             "loretta_adp_10x_norm_linear", "ttlora_10x_ffn_ln", "ttlora_10x_ffn_ln_r1",
+             "loretta_adp_10x_norm_linear", "loretta_adp_10x_norm_wn", "ttlora_10x_ffn_ln", "ttlora_10x_ffn_ln_r1",
              "ttlora_10x_mid", "ttlora_10x_qkvo", "ttlora_10x_bal", "ttlora_10x_ffn", "ttlora_10x_qv_ffn",
              "loretta_rep_10x_ffn", "loretta_rep_noln", "loretta_adp_noln", "loretta_rep_lnlr")
 # Variants that run only with a probe loaded (its folder under probes/ on PYTHONPATH, its variable set to 1).

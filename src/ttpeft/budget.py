@@ -174,7 +174,8 @@ def rule_for_config(config, method: str):
                            cores=config.tensor_cores)
     if method == "loretta_adp":
         return LorettaRule(method, config.bottleneck_size, config.down_tensor_shape, config.up_tensor_shape,
-                           bias_params=1 if config.scaling == "learned" else 0, cores=config.tensor_cores,
+                           bias_params=int(config.scaling == "learned") + int(config.weight_norm),
+                           cores=config.tensor_cores,
                            adapter_bias=config.adapter_bias)
     raise ValueError(f"no budget planner for method {method!r}; valid: {sorted(PLAN_FIELDS)}")
 

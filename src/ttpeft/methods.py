@@ -143,6 +143,8 @@ METHOD_OPTIONS: tuple[MethodOption, ...] = (
                  "as published)", {"loretta_adp": "adapter_bias"}),
     MethodOption("--normalize-input", _yes_no, "RMS-normalise the adapter's input (true/false)",
                  {"loretta_adp": "normalize_input"}),
+    MethodOption("--weight-norm", _yes_no, "weight-normalised projections: up is a trained gain from 0 times a "
+                 "unit-norm train, down keeps a fixed norm (true/false)", {"loretta_adp": "weight_norm"}),
     MethodOption("--train-layernorms", _yes_no, "also train the layer norms (true/false)",
                  {"loretta_rep": "train_layernorms", "loretta_adp": "train_layernorms"}),
     MethodOption("--layernorm-modules", parse_module_names, "with --train-layernorms true, train only these layer "

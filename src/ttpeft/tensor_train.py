@@ -67,6 +67,14 @@ def contract_cores(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     return result
 
 
+def frobenius_norm(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Frobenius norm of the train's dense tensor, from the cores alone (a product of ``r x r`` Gram matrices)."""
+    gram = cores[0].new_ones(1, 1)
+    for core in cores:
+        gram = torch.einsum("ab,anc,bnd->cd", gram, core, core)
+    return gram.trace().clamp_min(0).sqrt()
+
+
 def to_dense(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     """Dense tensor ``T[i_1..i_d] = G_1[:, i_1, :] @ ... @ G_d[:, i_d, :]``."""
     shape = tuple(core.shape[1] for core in cores)

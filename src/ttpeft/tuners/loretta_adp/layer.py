@@ -15,6 +15,7 @@ from ...contraction import apply_train_sequential
 from ...factor_cache import FactorCache, TTFactorsRef, core_list, factor_dtype
 from ...loretta_shapes import factor_shape
 from ...shapes import factorisation_note
+from ...tensor_train import frobenius_norm
 from ..loretta_common import (
     TensorisedHead,
     cores_reference,
@@ -47,7 +48,7 @@ class LorettaAdpLayer(BaseTunerLayer):
     """
 
     adapter_layer_names = ("loretta_adp_down", "loretta_adp_up", "loretta_adp_down_bias", "loretta_adp_up_bias",
-                           "loretta_adp_scale")
+                           "loretta_adp_scale", "loretta_adp_gain")
     other_param_names = ("loretta_adp_placement", "loretta_adp_width", "loretta_adp_fixed_scale",
                          "loretta_adp_act", "loretta_adp_dropout", "loretta_adp_contraction",
                          "loretta_adp_normalize_input")
@@ -59,6 +60,7 @@ class LorettaAdpLayer(BaseTunerLayer):
         self.loretta_adp_down_bias = nn.ParameterDict({})
         self.loretta_adp_up_bias = nn.ParameterDict({})
         self.loretta_adp_scale = nn.ParameterDict({})  # only for scaling="learned"
+        self.loretta_adp_gain = nn.ParameterDict({})  # only for weight_norm: up's gain
         self.loretta_adp_placement: dict[str, str] = {}
         self.loretta_adp_width: dict[str, int] = {}
         self.loretta_adp_fixed_scale: dict[str, float] = {}
@@ -96,13 +98,19 @@ class LorettaAdpLayer(BaseTunerLayer):
             up_bias = torch.empty(width).uniform_(-1 / math.sqrt(width), 1 / math.sqrt(width))
         else:
             down_cores = cores_with_entry_std(down_shape, down_ranks, 1.0 / math.sqrt(3.0 * width))
-            up_cores = cores_zero_last(up_shape, up_ranks)
+            # weight_norm: the gain starts at 0, and up needs a direction (a zero core has none)
+            up_cores = (cores_with_entry_std(up_shape, up_ranks, 1.0 / math.sqrt(3.0 * m)) if config.weight_norm
+                        else cores_zero_last(up_shape, up_ranks))
             down_bias, up_bias = torch.zeros(m), torch.zeros(width)
         self.loretta_adp_down[adapter_name] = tt_params(down_cores)
         self.loretta_adp_up[adapter_name] = tt_params(up_cores)
         if config.adapter_bias:
             self.loretta_adp_down_bias[adapter_name] = nn.Parameter(down_bias)
             self.loretta_adp_up_bias[adapter_name] = nn.Parameter(up_bias)
+        if config.weight_norm:
+            self.loretta_adp_gain[adapter_name] = nn.Parameter(torch.zeros(1))
+        elif adapter_name in self.loretta_adp_gain:  # re-added without it
+            del self.loretta_adp_gain[adapter_name]
         if config.scaling == "learned":
             self.loretta_adp_scale[adapter_name] = nn.Parameter(torch.ones(1))
         else:
@@ -133,7 +141,7 @@ class LorettaAdpLayer(BaseTunerLayer):
 
     def adapter_output(self, adapter_name: str, h: torch.Tensor) -> torch.Tensor:
         """``s * up(act(down(dropout(h))))`` in ``h``'s dtype; ``h / rms(h)`` in place of ``h`` under
-        ``normalize_input``.
+        ``normalize_input``; under ``weight_norm`` down and up rescaled (config) and up's bias added after its gain.
 
         down and up are thin (``h x m``, ``m x h``), so "split" and "reconstruct" both apply them as
         built; "sequential" pushes the activations through every core instead.
@@ -141,20 +149,26 @@ class LorettaAdpLayer(BaseTunerLayer):
         h = self.loretta_adp_dropout[adapter_name](h)
         if self.loretta_adp_normalize_input[adapter_name]:
             h = h * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(h.dtype)
+        down_cores, up_cores = core_list(self.loretta_adp_down[adapter_name]), core_list(self.loretta_adp_up[adapter_name])
         sequential = self.loretta_adp_contraction[adapter_name] == "sequential"
         if sequential:
-            z = apply_train_sequential(h, core_list(self.loretta_adp_down[adapter_name]), self.loretta_adp_width[adapter_name])
+            z = apply_train_sequential(h, down_cores, self.loretta_adp_width[adapter_name])
         else:
             down_factor, up_factor = self.factor_cache.factors(self.factor_ref(adapter_name))
             z = h @ down_factor.to(h.dtype)
+        weight_norm = adapter_name in self.loretta_adp_gain
+        if weight_norm:  # down at a dense init's norm, sqrt(m / 3): scaling z is scaling down
+            z = z * (math.sqrt(z.shape[-1] / 3.0) / _norm(down_cores)).to(z.dtype)
         has_bias = adapter_name in self.loretta_adp_down_bias
         if has_bias:
             z = z + self.loretta_adp_down_bias[adapter_name].to(z.dtype)
         z = self.loretta_adp_act[adapter_name](z)
         if sequential:
-            z = apply_train_sequential(z, core_list(self.loretta_adp_up[adapter_name]), z.shape[-1])
+            z = apply_train_sequential(z, up_cores, z.shape[-1])
         else:
             z = z @ up_factor.to(z.dtype)
+        if weight_norm:
+            z = z * (self.loretta_adp_gain[adapter_name] / _norm(up_cores)).to(z.dtype)
         if has_bias:
             z = z + self.loretta_adp_up_bias[adapter_name].to(z.dtype)
         if adapter_name in self.loretta_adp_scale:
@@ -163,6 +177,11 @@ class LorettaAdpLayer(BaseTunerLayer):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         raise merge_error([adapter_name])
+
+
+def _norm(cores: list[torch.Tensor]) -> torch.Tensor:
+    """The train's Frobenius norm in float32 (bf16 Gram products lose the small ones)."""
+    return frobenius_norm([core.float() for core in cores])
 
 
 class LorettaAdpLinear(nn.Module, LorettaAdpLayer):
