@@ -52,8 +52,9 @@ class LorettaAdpConfig(LorettaConfigBase):
             starting at 0, times its train scaled to unit Frobenius norm, and ``down`` is its train rescaled to the
             norm of a dense init (``sqrt(m / 3)``). Off by default (not in the paper). Under Adam a product of
             cores can grow many-fold in a few steps; with this the adapter's output grows at most linearly in the
-            gain, and on MiniLM at a 7,000-parameter budget the runs at the rate where the plain adapter never
-            starts learning do learn. ``up``'s cores all start random (the zero gain keeps the base model).
+            gain. On MiniLM at a 7,000-parameter budget (with ``normalize_input``) all eight STS-B seeds at 1e-2
+            reached a Pearson of 0.70 or more, where one of the plain adapter's eight stalled at 0.39; the rate
+            at which the held-out run collapses moved from 2e-2 to 4e-2, not away. ``up``'s cores all start random (the zero gain keeps the base model).
         dropout: dropout on the adapter's input.
         target_modules: module names or a regex; ``None``: after every ``*.output.dense`` of BERT/RoBERTa/
             DeBERTa blocks, and around ``gate_proj``/``up_proj``/``down_proj`` of LLaMA-family models.
