@@ -415,6 +415,7 @@ def test_lr_extend_walks_past_the_edge_until_the_best_rate_is_inside(tmp_path, m
     ([0.04], 0.01),  # the rate above the best never trained: one below it
     ([], 0.02),
     ([0.01], 0.02),  # a failed rate below the best changes nothing
+    ([0.01, 0.02, 0.04], 0.02),  # no rate trained: no cliff to step off
 ])
 def test_a_best_rate_next_to_one_that_never_trained_gives_way_to_the_rate_below(never_trained, chosen):
     assert grid.rate_below_cliff(0.02, [0.01, 0.02, 0.04], never_trained) == chosen

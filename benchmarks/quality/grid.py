@@ -455,10 +455,12 @@ def choose_lr(task: str, variant: str, seed: int, args,
 
 
 def rate_below_cliff(best: float, rates, never_trained) -> float:
-    """The rate below ``best`` when the rate above it never trained (and there is one below), else ``best``."""
+    """The rate below ``best`` when the rate above it never trained (and there is one below), else ``best``.
+    Only a best rate that trained sits at a cliff: where it did not either (RTE's held-out loss stays flat at
+    every rate), the failures say nothing about where the cliff is."""
     rates = sorted(rates)
     i = rates.index(best)
-    if i + 1 < len(rates) and rates[i + 1] in never_trained and i > 0:
+    if best not in never_trained and i + 1 < len(rates) and rates[i + 1] in never_trained and i > 0:
         return rates[i - 1]
     return best
 
