@@ -225,7 +225,7 @@ def parse_args(argv=None):
                              "better than its neighbour, try the rate twice (half) as large, up to N more rates")
     parser.add_argument("--lr-off-cliff", action="store_true",
                         help="with --lr-grid: when the held-out run at the rate above the best one never trained "
-                             "(its training loss did not fall), take the rate below the best instead: the best sits "
+                             "(its training loss did not fall) and the best one did, take the rate below the best instead: the best sits "
                              "at a cliff's edge, which another seed may go over")
     parser.add_argument("--reuse-from", default=None, metavar="RESULTS",
                         help="with --lr-grid: an earlier --lr-grid results file with the same caps; its recorded "
