@@ -54,7 +54,8 @@ class LorettaAdpConfig(LorettaConfigBase):
             cores can grow many-fold in a few steps; with this the adapter's output grows at most linearly in the
             gain. On MiniLM at a 7,000-parameter budget (with ``normalize_input``) all eight STS-B seeds at 1e-2
             reached a Pearson of 0.70 or more, where one of the plain adapter's eight stalled at 0.39; the rate
-            at which the held-out run collapses moved from 2e-2 to 4e-2, not away. ``up``'s cores all start random (the zero gain keeps the base model).
+            at which the held-out run collapses moved from 2e-2 to 4e-2, not away. ``up``'s cores all start
+            random (the zero gain keeps the base model).
         dropout: dropout on the adapter's input.
         target_modules: module names or a regex; ``None``: after every ``*.output.dense`` of BERT/RoBERTa/
             DeBERTa blocks, and around ``gate_proj``/``up_proj``/``down_proj`` of LLaMA-family models.
