@@ -42,6 +42,8 @@ FFN_DENSE = r".*layer\.\d+\.(intermediate|output)\.dense"  # not attention.outpu
 FFN_NORM_PATTERN = r".*layer\.\d+\.output\.LayerNorm"  # the feed-forward output norms (not attention's)
 # The same six norms of MiniLM by name, for --modules-to-save (peft matches its entries by name suffix, not pattern).
 FFN_NORMS = ",".join(f"layer.{i}.output.LayerNorm" for i in range(6))
+# LoRETTA_rep's trains on the feed-forward block with its six output norms.
+FFN_WITH_NORMS = ["--target-modules", FFN_DENSE, "--layernorm-modules", FFN_NORM_PATTERN]
 QV_FFN_DENSE = r".*layer\.\d+\.(attention\.self\.(query|value)|intermediate\.dense|output\.dense)"
 
 # Method variant -> (ttpeft method, extra `ttpeft train` arguments). The variant name is the grid's label.
@@ -133,12 +135,10 @@ METHODS = {
     "loretta_rep_10x_ffn": ("loretta_rep", [*LORETTA_10X, "--target-modules", FFN_DENSE]),
     # LoRETTA_rep as ttlora_10x_ffn_ln_r1 spends the budget: the feed-forward block and its six output norms
     # (4,608); rank-2 trains (2,448): 7,056 in all, 10.4x.
-    "loretta_rep_10x_ffn_ln": ("loretta_rep", ["--tensor-rank", "2", "--target-modules", FFN_DENSE,
-                                               "--layernorm-modules", FFN_NORM_PATTERN]),
+    "loretta_rep_10x_ffn_ln": ("loretta_rep", ["--tensor-rank", "2", *FFN_WITH_NORMS]),
     # The same with the factors' scale lora_alpha / r at 0.5 instead of 2: on held-out STS-B (seed 0) the
     # default's run at 2e-2 never trains, this one's does.
-    "loretta_rep_10x_ffn_ln_a4": ("loretta_rep", ["--tensor-rank", "2", "--lora-alpha", "4", "--target-modules",
-                                                  FFN_DENSE, "--layernorm-modules", FFN_NORM_PATTERN]),
+    "loretta_rep_10x_ffn_ln_a4": ("loretta_rep", ["--tensor-rank", "2", "--lora-alpha", "4", *FFN_WITH_NORMS]),
     # The same cores in a balanced gauge: every random core gets one entry scale (the geometric mean of the
     # default's), so ΔW's statistics are unchanged but Adam, which is not gauge-invariant, moves each core
     # at the same relative rate.
