@@ -135,6 +135,13 @@ def test_ablations_of_the_normalised_adapter_change_only_their_one_field(variant
     assert ablation == normalised
 
 
+def test_bias_free_adapter_with_norms_and_weight_norm_changes_only_weight_norm():
+    method, with_weight_norm = variant_method_and_fields("loretta_adp_10x_ln_wn")
+    without = variant_method_and_fields("loretta_adp_10x_ln")[1]
+    assert method.name == "loretta_adp" and with_weight_norm.pop("weight_norm") is True
+    assert "weight_norm" not in without and with_weight_norm == without
+
+
 @pytest.mark.parametrize("variant", [v for v in grid.METHODS if "_10x" in v])
 def test_10x_variants_train_at_most_a_tenth_of_lora_r8_on_minilm(variant, monkeypatch):
     if variant in grid.PROBE_VARIANTS:

@@ -103,6 +103,11 @@ METHODS = {
     # loretta_adp_10x_norm with weight-normalised projections: up's output grows with one gain (from 0), not
     # with a product of five cores, which under Adam outgrew the sublayer outputs in the first steps (README).
     "loretta_adp_10x_norm_wn": ("loretta_adp", [*ADP_10X_NORM, "--weight-norm", "true"]),
+    # loretta_adp_10x_ln (biases traded for the six feed-forward output norms) with those weight-normalised
+    # projections: loretta_adp_10x_ln's STS-B run never started at its chosen rate, as loretta_adp_10x_norm's had.
+    "loretta_adp_10x_ln_wn": ("loretta_adp", ["--param-budget", "2688", "--normalize-input", "true",
+                                              "--adapter-bias", "false", "--weight-norm", "true",
+                                              "--layernorm-modules", FFN_NORM_PATTERN]),
     # loretta_adp_10x without the projection biases (5,376 of the 7,000): the trains get them, rank 3-4 (6,924).
     "loretta_adp_10x_nobias": ("loretta_adp", [*LORETTA_10X, "--adapter-bias", "false"]),
     # loretta_adp_10x with its adapters on the outputs of the attention and feed-forward LayerNorms (one scale in
@@ -179,7 +184,7 @@ ABLATIONS = ("loretta_adp_10x_ffn", "loretta_adp_10x_norm", "loretta_adp_10x_nor
              "loretta_adp_10x_norm_linear", "loretta_adp_10x_norm_wn", "ttlora_10x_ffn_ln", "ttlora_10x_ffn_ln_r1",
              "ttlora_10x_mid", "ttlora_10x_qkvo", "ttlora_10x_bal", "ttlora_10x_ffn", "ttlora_10x_qv_ffn",
              "loretta_rep_10x_ffn", "loretta_rep_10x_ffn_ln", "loretta_rep_10x_ffn_ln_a4", "loretta_rep_noln",
-             "loretta_adp_noln", "loretta_rep_lnlr")
+             "loretta_adp_noln", "loretta_rep_lnlr", "loretta_adp_10x_ln_wn")
 # Variants that run only with a probe loaded (its folder under probes/ on PYTHONPATH, its variable set to 1).
 PROBE_VARIANTS = {"loretta_adp_10x_after_norm": ("adp_after_norm", "TTPEFT_PROBE_ADP_AFTER_NORM")}
 ENCODER_ONLY = ("head", "full")  # a causal LM scores label words and has no classification head
