@@ -92,13 +92,15 @@ def test_target_modules_take_names_or_one_regex(text, expected):
     assert method_config_fields(get_method("loretta_adp"), vars(args), {}) == {"target_modules": expected}
 
 
-def test_input_adapter_modules_option_reaches_the_loretta_adp_config():
+@pytest.mark.parametrize("option, field", [("--input-adapter-modules", "input_adapter_modules"),
+                                           ("--parallel-adapter-modules", "parallel_adapter_modules")])
+def test_adapter_placement_options_reach_the_loretta_adp_config(option, field):
     from ttpeft.methods import get_method, method_config_fields
 
     args = build_parser().parse_args(["train", "--method", "loretta_adp", "--target-modules", "intermediate.dense",
-                                      "--input-adapter-modules", "intermediate.dense"])
+                                      option, "intermediate.dense"])
     assert method_config_fields(get_method("loretta_adp"), vars(args), {}) == {
-        "target_modules": ["intermediate.dense"], "input_adapter_modules": ["intermediate.dense"]}
+        "target_modules": ["intermediate.dense"], field: ["intermediate.dense"]}
 
 
 @pytest.mark.parametrize("option, field", [("--normalize-input", "normalize_input"), ("--weight-norm", "weight_norm")])

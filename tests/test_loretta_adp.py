@@ -1,3 +1,4 @@
+import math
 import os
 
 import pytest
@@ -64,6 +65,56 @@ def test_input_and_output_adapters_compute_what_they_claim():
     h = torch.randn(2, 5, 48)
     base_out = down.get_base_layer()(h)
     torch.testing.assert_close(down(h), base_out + down.adapter_output("default", base_out))
+
+
+def test_parallel_adapter_maps_the_layer_input_to_its_output_and_reloads(tmp_path):
+    inputs = token_batch()
+    base = logits(tiny_bert(), inputs)
+    model = adp(tiny_bert(), task_type="SEQ_CLS", target_modules=["intermediate.dense", "output.dense"],
+                parallel_adapter_modules=["intermediate.dense"])
+    layer = model.base_model.model.bert.encoder.layer[0]
+    assert layer.intermediate.dense.loretta_adp_placement["default"] == "parallel"
+    assert layer.output.dense.loretta_adp_placement["default"] == "output"
+    torch.testing.assert_close(logits(model, inputs), base)  # up's zero core: starts at the base
+    train_steps(model, inputs)
+    dense = layer.intermediate.dense  # 32 -> 64 in tiny_bert: down reads 32 features, up writes 64
+    assert dense.loretta_adp_up_bias["default"].shape == (64,)
+    x = torch.randn(2, 5, 32)
+    beside = dense.adapter_output("default", x)
+    assert beside.shape == (2, 5, 64) and beside.abs().max() > 0
+    torch.testing.assert_close(dense(x), dense.get_base_layer()(x) + beside)
+    with model.disable_adapter():
+        torch.testing.assert_close(dense(x), dense.get_base_layer()(x))
+    dense.loretta_adp_contraction["default"] = "sequential"
+    torch.testing.assert_close(dense.adapter_output("default", x), beside)
+    dense.loretta_adp_contraction["default"] = "split"
+    # a mixed batch runs row 0 through the adapter and row 1 through the base layer
+    mixed = dense(x, adapter_names=["default", "__base__"])
+    torch.testing.assert_close(mixed[0], dense(x)[0])
+    torch.testing.assert_close(mixed[1], dense.get_base_layer()(x)[1])
+    torch.testing.assert_close(logits_after_reload(model, inputs, "tiny_bert", tmp_path), logits(model, inputs))
+
+
+def test_parallel_adapters_fit_a_param_budget_with_their_two_widths():
+    config = dict(task_type="SEQ_CLS", target_modules=["intermediate.dense"], bottleneck_size=8,
+                  param_budget=600, train_layernorms=False)
+    model = get_peft_model(tiny_bert(), LorettaAdpConfig(parallel_adapter_modules=["intermediate.dense"], **config))
+    adapter = sum(p.numel() for n, p in model.named_parameters() if "loretta_adp_" in n and p.requires_grad)
+    assert adapter <= 600
+    plan = model.peft_config["default"].layer_plan
+    dense = model.base_model.model.bert.encoder.layer[0].intermediate.dense
+    entry = plan["bert.encoder.layer.0.intermediate.dense"]
+    assert math.prod(entry["down_tensor_shape"]) == 32 * 8 and math.prod(entry["up_tensor_shape"]) == 8 * 64
+    assert dense.loretta_adp_up_bias["default"].numel() == 64 and dense.loretta_adp_down_bias["default"].numel() == 8
+
+
+def test_a_target_cannot_be_both_an_input_and_a_parallel_adapter():
+    config = LorettaAdpConfig(target_modules=["up_proj"], input_adapter_modules=["up_proj"],
+                              parallel_adapter_modules=["up_proj"])
+    with pytest.raises(ValueError) as err:
+        get_peft_model(tiny_llama(), config)
+    message = str(err.value)
+    assert "up_proj" in message and "input_adapter_modules" in message and "parallel_adapter_modules" in message
 
 
 @pytest.mark.parametrize("non_linearity, affine", [("linear", True), ("relu", False), ("gelu", False)])
@@ -237,6 +288,7 @@ def test_weight_norm_starts_at_the_base_with_up_random_and_its_gain_bounds_the_o
     ({"scaling": "big"}, ["scaling='big'", "'learned'"]),
     ({"init": "bert"}, ["init='bert'", "'zero'"]),
     ({"input_adapter_modules": "gate_proj"}, ["input_adapter_modules", "list of module names"]),
+    ({"parallel_adapter_modules": [1]}, ["parallel_adapter_modules=[1]", "list of module names"]),
     ({"normalize_input": "yes"}, ["normalize_input='yes'", "True or False"]),
     ({"adapter_bias": 0}, ["adapter_bias=0", "True or False"]),
     ({"weight_norm": 1}, ["weight_norm=1", "True or False"]),

@@ -108,6 +108,16 @@ METHODS = {
     "loretta_adp_10x_ln_wn": ("loretta_adp", ["--param-budget", "2688", "--normalize-input", "true",
                                               "--adapter-bias", "false", "--weight-norm", "true",
                                               "--layernorm-modules", FFN_NORM_PATTERN]),
+    # The same adapters beside their layers (He et al.'s parallel adapter: from the layer's input to its output)
+    # instead of after them; and beside the twelve feed-forward linears, where TT-LoRA and LoRETTA_rep do best.
+    "loretta_adp_10x_ln_wn_par": ("loretta_adp", ["--param-budget", "2688", "--normalize-input", "true",
+                                                  "--adapter-bias", "false", "--weight-norm", "true",
+                                                  "--layernorm-modules", FFN_NORM_PATTERN,
+                                                  "--parallel-adapter-modules", "output.dense"]),
+    "loretta_adp_10x_ffn_ln_wn_par": ("loretta_adp", ["--param-budget", "2688", "--normalize-input", "true",
+                                                      "--adapter-bias", "false", "--weight-norm", "true",
+                                                      *FFN_WITH_NORMS, "--parallel-adapter-modules",
+                                                      "intermediate.dense,output.dense"]),
     # loretta_adp_10x without the projection biases (5,376 of the 7,000): the trains get them, rank 3-4 (6,924).
     "loretta_adp_10x_nobias": ("loretta_adp", [*LORETTA_10X, "--adapter-bias", "false"]),
     # loretta_adp_10x with its adapters on the outputs of the attention and feed-forward LayerNorms (one scale in

@@ -33,12 +33,14 @@ PLAN_FIELDS = {
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """A target layer as the planner sees it. ``width`` is what a LoRETTA_adp adapter acts on."""
+    """A target layer as the planner sees it. ``width`` is what a LoRETTA_adp adapter's ``down`` reads and
+    ``up_width`` what its ``up`` writes (the same but for a parallel adapter)."""
 
     name: str
     in_features: int
     out_features: int
     width: Optional[int] = None
+    up_width: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ class TTLoraRule:
 
 
 class LorettaRule:
-    """LoRETTA_rep (A: ``in x r``, B: ``r x out``) or LoRETTA_adp (down: ``h x m``, up: ``m x h``, plus
+    """LoRETTA_rep (A: ``in x r``, B: ``r x out``) or LoRETTA_adp (down: ``h x m``, up: ``m x h'``, plus
     biases): one tensor rank per layer, as the layers take it."""
 
     def __init__(self, method: str, bottleneck: int, first_shape=None, second_shape=None, bias_params: int = 0,
@@ -134,7 +136,7 @@ class LorettaRule:
     def _widths(self, layer: LayerSpec) -> tuple[int, int]:
         if self.method == "loretta_rep":
             return layer.in_features, layer.out_features
-        return layer.width, layer.width
+        return layer.width, layer.up_width or layer.width
 
     def shapes(self, layer: LayerSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
         first_width, second_width = self._widths(layer)
@@ -151,7 +153,7 @@ class LorettaRule:
         first, second = self.shapes(layer)
         biases = 0
         if self.method == "loretta_adp":
-            biases = (self.bottleneck + layer.width if self.adapter_bias else 0) + self.bias_params
+            biases = (self.bottleneck + self._widths(layer)[1] if self.adapter_bias else 0) + self.bias_params
         return tt_num_params(first, level) + tt_num_params(second, level) + biases
 
     def fields(self, layer: LayerSpec, level: int) -> dict:
@@ -236,7 +238,7 @@ def _cached_cost(rule) -> Callable[[LayerSpec, int], int]:
     cache: dict = {}
 
     def cost(layer: LayerSpec, level: int) -> int:
-        key = (layer.in_features, layer.out_features, layer.width, level)
+        key = (layer.in_features, layer.out_features, layer.width, layer.up_width, level)
         if key not in cache:
             cache[key] = rule.params(layer, level)
         return cache[key]
@@ -301,12 +303,12 @@ def target_layers(tuner, config, model, method: str, skip: Sequence[str] = ()) -
             in_features, out_features = base_layer_features(base)
         except TypeError:
             continue  # the tuner itself reports a target it cannot adapt
-        width = None
+        width = up_width = None
         if method == "loretta_adp":
-            from .tuners.loretta_common import module_name_matches
-
-            width = in_features if module_name_matches(key, config.input_adapter_modules) else out_features
-        layers.append(LayerSpec(key, int(in_features), int(out_features), width))
+            placement = config.placement_of(key)
+            width = int(out_features if placement == "output" else in_features)
+            up_width = int(in_features if placement == "input" else out_features)
+        layers.append(LayerSpec(key, int(in_features), int(out_features), width, up_width))
     return layers
 
 

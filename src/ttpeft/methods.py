@@ -139,6 +139,9 @@ METHOD_OPTIONS: tuple[MethodOption, ...] = (
     MethodOption("--input-adapter-modules", parse_module_names, "comma-separated targets whose adapter acts on "
                  "their input, before the layer (default: gate_proj,up_proj on LLaMA-family models, none otherwise)",
                  {"loretta_adp": "input_adapter_modules"}),
+    MethodOption("--parallel-adapter-modules", parse_module_names, "comma-separated targets whose adapter runs "
+                 "beside them, from their input to their output (default: none)",
+                 {"loretta_adp": "parallel_adapter_modules"}),
     MethodOption("--adapter-bias", _yes_no, "train a bias on each adapter projection (true/false; default true, "
                  "as published)", {"loretta_adp": "adapter_bias"}),
     MethodOption("--normalize-input", _yes_no, "RMS-normalise the adapter's input (true/false)",

@@ -9,7 +9,7 @@ from typing import Optional, Union
 from transformers.activations import ACT2FN
 
 from ...registration import ensure_peft_type
-from ..loretta_common import LorettaConfigBase, normalise_shape
+from ..loretta_common import LorettaConfigBase, module_name_matches, normalise_shape
 
 # Encoder blocks: an output adapter after each attention-output and FFN-output dense layer.
 _ENCODER_TARGETS = r".*\.output\.dense"
@@ -61,6 +61,9 @@ class LorettaAdpConfig(LorettaConfigBase):
             DeBERTa blocks, and around ``gate_proj``/``up_proj``/``down_proj`` of LLaMA-family models.
         input_adapter_modules: which targets get their adapter on the input instead of the output (name
             suffixes); ``None``: ``gate_proj``/``up_proj`` for LLaMA-family models, none otherwise.
+        parallel_adapter_modules: which targets get their adapter beside the layer instead (name suffixes):
+            ``y = layer(x) + s * up(act(down(x)))`` with ``down`` ``in -> m`` and ``up`` ``m -> out``, the
+            parallel adapter of He et al. (2022). Off by default (the paper's adapters are sequential).
         down_tensor_shape / up_tensor_shape: explicit train shapes (multiplying to ``h * m``); ``None``
             uses the published shape where the reference has one and a factorisation otherwise.
         tensor_cores: derive every train of the two projections with this many balanced cores instead of
@@ -90,6 +93,9 @@ class LorettaAdpConfig(LorettaConfigBase):
     input_adapter_modules: Optional[list[str]] = field(
         default=None, metadata={"help": "Targets whose adapter acts on their input (name suffixes)."}
     )
+    parallel_adapter_modules: Optional[list[str]] = field(
+        default=None, metadata={"help": "Targets whose adapter runs beside them, from their input (name suffixes)."}
+    )
     down_tensor_shape: Optional[list[int]] = field(default=None, metadata={"help": "Train shape of down (h * m)."})
     up_tensor_shape: Optional[list[int]] = field(default=None, metadata={"help": "Train shape of up (m * h)."})
 
@@ -115,11 +121,23 @@ class LorettaAdpConfig(LorettaConfigBase):
                              "init='zero' with weight_norm=True, or weight_norm=False")
         if isinstance(self.scaling, int):
             self.scaling = float(self.scaling)
-        if self.input_adapter_modules is not None:
-            if isinstance(self.input_adapter_modules, str) or any(
-                    not isinstance(m, str) for m in self.input_adapter_modules):
-                raise ValueError(f"LorettaAdpConfig: input_adapter_modules={self.input_adapter_modules!r} is "
-                                 "invalid; valid: None or a list of module names, e.g. ['gate_proj', 'up_proj']")
-            self.input_adapter_modules = list(self.input_adapter_modules)
+        for name in ("input_adapter_modules", "parallel_adapter_modules"):
+            names = getattr(self, name)
+            if names is None:
+                continue
+            if isinstance(names, str) or any(not isinstance(m, str) for m in names):
+                raise ValueError(f"LorettaAdpConfig: {name}={names!r} is invalid; valid: None or a list of module "
+                                 "names, e.g. ['gate_proj', 'up_proj']")
+            setattr(self, name, list(names))
         self.down_tensor_shape = normalise_shape(self.down_tensor_shape, "LorettaAdpConfig", "down_tensor_shape")
         self.up_tensor_shape = normalise_shape(self.up_tensor_shape, "LorettaAdpConfig", "up_tensor_shape")
+
+    def placement_of(self, key: str) -> str:
+        """Where the adapter of target ``key`` acts: ``"input"``, ``"parallel"`` or ``"output"``."""
+        is_input = module_name_matches(key, self.input_adapter_modules)
+        is_parallel = module_name_matches(key, self.parallel_adapter_modules)
+        if is_input and is_parallel:
+            raise ValueError(f"LoRETTA_adp on {key!r}: it matches both input_adapter_modules="
+                             f"{self.input_adapter_modules!r} and parallel_adapter_modules="
+                             f"{self.parallel_adapter_modules!r}; valid: at most one of them")
+        return "input" if is_input else "parallel" if is_parallel else "output"

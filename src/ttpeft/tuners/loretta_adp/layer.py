@@ -1,4 +1,4 @@
-"""LoRETTA_adp layers: a tensorised bottleneck adapter on a layer's input or output."""
+"""LoRETTA_adp layers: a tensorised bottleneck adapter on a layer's input or output, or beside it."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from ..mixed_batch import row_groups
 from ..ttlora.layer import base_layer_features
 from .config import LorettaAdpConfig
 
-PLACEMENTS = ("input", "output")
+PLACEMENTS = ("input", "output", "parallel")
 
 
 def merge_error(adapter_names) -> ValueError:
@@ -43,8 +43,9 @@ def merge_error(adapter_names) -> ValueError:
 class LorettaAdpLayer(BaseTunerLayer):
     """The adapter state shared by every LoRETTA_adp layer type.
 
-    ``down`` is held as an ``h x m`` matrix and ``up`` as ``m x h`` (``x @ W`` layout), where ``h`` is the
-    width the adapter acts on: the layer's input features (input adapter) or output features.
+    ``down`` is held as an ``h x m`` matrix and ``up`` as ``m x h'`` (``x @ W`` layout): ``h = h'`` is the
+    layer's input features (input adapter) or output features (output adapter); a parallel adapter maps
+    the input features ``h`` to the output features ``h'``.
     """
 
     adapter_layer_names = ("loretta_adp_down", "loretta_adp_up", "loretta_adp_down_bias", "loretta_adp_up_bias",
@@ -79,29 +80,31 @@ class LorettaAdpLayer(BaseTunerLayer):
         where = f"LoRETTA_adp on {module_name!r}"
         if placement not in PLACEMENTS:
             raise ValueError(f"{where}: placement={placement!r} is invalid; valid: {PLACEMENTS}")
-        width = self.in_features if placement == "input" else self.out_features
+        width = self.out_features if placement == "output" else self.in_features
+        up_width = self.in_features if placement == "input" else self.out_features
         m = config.bottleneck_size
-        note = factorisation_note(width, 2)
-        if note and (config.down_tensor_shape is None or config.up_tensor_shape is None):
-            warnings.warn(f"{where}: adapter width {note}.", stacklevel=4)
+        for features in sorted({width, up_width}):
+            note = factorisation_note(features, 2)
+            if note and (config.down_tensor_shape is None or config.up_tensor_shape is None):
+                warnings.warn(f"{where}: adapter width {note}.", stacklevel=4)
         cores = config.tensor_cores
         down_shape = resolve_weight_shape(config.down_tensor_shape, factor_shape(width, m, True, cores=cores),
                                           width, m, where, "down_tensor_shape")
-        up_shape = resolve_weight_shape(config.up_tensor_shape, factor_shape(width, m, False, cores=cores),
-                                        m, width, where, "up_tensor_shape")
+        up_shape = resolve_weight_shape(config.up_tensor_shape, factor_shape(up_width, m, False, cores=cores),
+                                        m, up_width, where, "up_tensor_shape")
         down_ranks, up_ranks = uniform_ranks(down_shape, config.tensor_rank), uniform_ranks(up_shape, config.tensor_rank)
         if config.init == "reference":
             down_cores = cores_reference(down_shape, down_ranks, width, m)
-            up_cores = cores_reference(up_shape, up_ranks, m, width)
+            up_cores = cores_reference(up_shape, up_ranks, m, up_width)
             # nn.Linear's default bias init, as the published code's tensorised layers.
             down_bias = torch.empty(m).uniform_(-1 / math.sqrt(m), 1 / math.sqrt(m))
-            up_bias = torch.empty(width).uniform_(-1 / math.sqrt(width), 1 / math.sqrt(width))
+            up_bias = torch.empty(up_width).uniform_(-1 / math.sqrt(up_width), 1 / math.sqrt(up_width))
         else:
             down_cores = cores_with_entry_std(down_shape, down_ranks, 1.0 / math.sqrt(3.0 * width))
             # weight_norm: the gain starts at 0, and up needs a direction (a zero core has none)
             up_cores = (cores_with_entry_std(up_shape, up_ranks, 1.0 / math.sqrt(3.0 * m)) if config.weight_norm
                         else cores_zero_last(up_shape, up_ranks))
-            down_bias, up_bias = torch.zeros(m), torch.zeros(width)
+            down_bias, up_bias = torch.zeros(m), torch.zeros(up_width)
         self.loretta_adp_down[adapter_name] = tt_params(down_cores)
         self.loretta_adp_up[adapter_name] = tt_params(up_cores)
         if config.adapter_bias:
@@ -126,7 +129,7 @@ class LorettaAdpLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def factor_ref(self, adapter_name: str) -> TTFactorsRef:
-        """down (``h x m``) and up (``m x h``) built from their trains, in the base layer's dtype."""
+        """down (``h x m``) and up (``m x h'``) built from their trains, in the base layer's dtype."""
         down_cores = core_list(self.loretta_adp_down[adapter_name])
         out_dtype = factor_dtype(self, down_cores)
         return TTFactorsRef(self.factor_cache, adapter_name, down_cores, core_list(self.loretta_adp_up[adapter_name]),
@@ -214,6 +217,9 @@ class LorettaAdpLinear(nn.Module, LorettaAdpLayer):
         if inputs:
             x = x + sum(self.adapter_output(name, x) for name in inputs).to(x.dtype)
         result = self.base_layer(x, *args, **kwargs)
+        beside = self._active("parallel")
+        if beside:
+            result = result + sum(self.adapter_output(name, x) for name in beside).to(result.dtype)
         outputs = self._active("output")
         if outputs:
             result = result + sum(self.adapter_output(name, result) for name in outputs).to(result.dtype)
@@ -229,6 +235,11 @@ class LorettaAdpLinear(nn.Module, LorettaAdpLayer):
             for name, rows in inputs:
                 x[rows] = x[rows] + self.adapter_output(name, x[rows]).to(x.dtype)
         result = self.base_layer(x, *args, **kwargs)
+        beside = [(name, rows) for name, rows in groups if self.loretta_adp_placement[name] == "parallel"]
+        if beside:
+            result = result.clone()
+            for name, rows in beside:
+                result[rows] = result[rows] + self.adapter_output(name, x[rows]).to(result.dtype)
         outputs = [(name, rows) for name, rows in groups if self.loretta_adp_placement[name] == "output"]
         if outputs:
             result = result.clone()

@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D
 from ..grouped_factors import GroupedFactorsMixin
 from ..mixed_batch import MixedBatchMixin
 from ...budget import config_for_layer, plan_adapter
-from ..loretta_common import module_name_matches, prepare_trainable_extras
+from ..loretta_common import prepare_trainable_extras
 from ..state_dict_checks import ShapeCheckedLoadMixin
 from .config import LORETTA_ADP_INPUT_ADAPTER_MODULES, LORETTA_ADP_TARGET_MODULES, LorettaAdpConfig
 from .layer import LorettaAdpHead, LorettaAdpLayer, LorettaAdpLinear, merge_error
@@ -59,7 +59,7 @@ class LorettaAdpModel(ShapeCheckedLoadMixin, MixedBatchMixin, GroupedFactorsMixi
                             **optional_kwargs):
         if current_key != self._head_key:
             config = config_for_layer(config, current_key)
-        placement = "input" if module_name_matches(current_key, config.input_adapter_modules) else "output"
+        placement = config.placement_of(current_key)
         if isinstance(target, LorettaAdpHead):
             target.update_layer(adapter_name, config, module_name=current_key)
             return
