@@ -114,6 +114,10 @@ METHODS = {
                                                   "--adapter-bias", "false", "--weight-norm", "true",
                                                   "--layernorm-modules", FFN_NORM_PATTERN,
                                                   "--parallel-adapter-modules", "output.dense"]),
+    # The parallel adapters without weight norm or input scaling: up's last core starts at zero, as LoRETTA_rep's B.
+    "loretta_adp_10x_ffn_ln_par": ("loretta_adp", ["--param-budget", "2688", "--adapter-bias", "false",
+                                                   *FFN_WITH_NORMS, "--parallel-adapter-modules",
+                                                   "intermediate.dense,output.dense"]),
     "loretta_adp_10x_ffn_ln_wn_par": ("loretta_adp", ["--param-budget", "2688", "--normalize-input", "true",
                                                       "--adapter-bias", "false", "--weight-norm", "true",
                                                       *FFN_WITH_NORMS, "--parallel-adapter-modules",
