@@ -198,7 +198,8 @@ ABLATIONS = ("loretta_adp_10x_ffn", "loretta_adp_10x_norm", "loretta_adp_10x_nor
              "loretta_adp_10x_norm_linear", "loretta_adp_10x_norm_wn", "ttlora_10x_ffn_ln", "ttlora_10x_ffn_ln_r1",
              "ttlora_10x_mid", "ttlora_10x_qkvo", "ttlora_10x_bal", "ttlora_10x_ffn", "ttlora_10x_qv_ffn",
              "loretta_rep_10x_ffn", "loretta_rep_10x_ffn_ln", "loretta_rep_10x_ffn_ln_a4", "loretta_rep_noln",
-             "loretta_adp_noln", "loretta_rep_lnlr", "loretta_adp_10x_ln_wn")
+             "loretta_adp_noln", "loretta_rep_lnlr", "loretta_adp_10x_ln_wn", "loretta_adp_10x_ln_wn_par",
+             "loretta_adp_10x_ffn_ln_wn_par", "loretta_adp_10x_ffn_ln_par")
 # Variants that run only with a probe loaded (its folder under probes/ on PYTHONPATH, its variable set to 1).
 PROBE_VARIANTS = {"loretta_adp_10x_after_norm": ("adp_after_norm", "TTPEFT_PROBE_ADP_AFTER_NORM")}
 ENCODER_ONLY = ("head", "full")  # a causal LM scores label words and has no classification head
