@@ -305,9 +305,9 @@ def target_layers(tuner, config, model, method: str, skip: Sequence[str] = ()) -
             continue  # the tuner itself reports a target it cannot adapt
         width = up_width = None
         if method == "loretta_adp":
-            placement = config.placement_of(key)
-            width = int(out_features if placement == "output" else in_features)
-            up_width = int(in_features if placement == "input" else out_features)
+            from .tuners.loretta_adp.config import adapter_widths
+
+            width, up_width = adapter_widths(config.placement_of(key), int(in_features), int(out_features))
         layers.append(LayerSpec(key, int(in_features), int(out_features), width, up_width))
     return layers
 

@@ -29,6 +29,12 @@ LORETTA_ADP_INPUT_ADAPTER_MODULES: dict[str, list[str]] = {
 }
 
 
+def adapter_widths(placement: str, in_features: int, out_features: int) -> tuple[int, int]:
+    """(what ``down`` reads, what ``up`` writes) for an adapter at ``placement`` on an ``in -> out`` layer."""
+    return (out_features if placement == "output" else in_features,
+            in_features if placement == "input" else out_features)
+
+
 @dataclass
 class LorettaAdpConfig(LorettaConfigBase):
     """LoRETTA_adp: a bottleneck adapter ``h <- h + s * up(act(down(h)))`` whose ``down`` (``h -> m``) and

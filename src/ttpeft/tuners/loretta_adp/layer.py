@@ -27,7 +27,7 @@ from ..loretta_common import (
 )
 from ..mixed_batch import row_groups
 from ..ttlora.layer import base_layer_features
-from .config import LorettaAdpConfig
+from .config import LorettaAdpConfig, adapter_widths
 
 PLACEMENTS = ("input", "output", "parallel")
 
@@ -80,8 +80,7 @@ class LorettaAdpLayer(BaseTunerLayer):
         where = f"LoRETTA_adp on {module_name!r}"
         if placement not in PLACEMENTS:
             raise ValueError(f"{where}: placement={placement!r} is invalid; valid: {PLACEMENTS}")
-        width = self.out_features if placement == "output" else self.in_features
-        up_width = self.in_features if placement == "input" else self.out_features
+        width, up_width = adapter_widths(placement, self.in_features, self.out_features)
         m = config.bottleneck_size
         for features in sorted({width, up_width}):
             note = factorisation_note(features, 2)
