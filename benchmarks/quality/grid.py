@@ -118,6 +118,19 @@ METHODS = {
     "loretta_adp_10x_ffn_ln_par": ("loretta_adp", ["--param-budget", "2688", "--adapter-bias", "false",
                                                    *FFN_WITH_NORMS, "--parallel-adapter-modules",
                                                    "intermediate.dense,output.dense"]),
+    # loretta_adp_10x_ffn_ln_par with the norms at a rate of their own (the grid's --lr then sets the adapters'):
+    # its adapters learn at 5e-3-1e-2, where loretta_adp_10x_ln_wn's norms did best at 1e-2-2e-2; and with GELU.
+    "loretta_adp_10x_ffn_ln_par_lnlr_1e2": ("loretta_adp", ["--param-budget", "2688", "--adapter-bias", "false",
+                                                           *FFN_WITH_NORMS, "--parallel-adapter-modules",
+                                                           "intermediate.dense,output.dense",
+                                                           "--layer-norm-lr", "1e-2"]),
+    "loretta_adp_10x_ffn_ln_par_lnlr_2e2": ("loretta_adp", ["--param-budget", "2688", "--adapter-bias", "false",
+                                                           *FFN_WITH_NORMS, "--parallel-adapter-modules",
+                                                           "intermediate.dense,output.dense",
+                                                           "--layer-norm-lr", "2e-2"]),
+    "loretta_adp_10x_ffn_ln_par_gelu": ("loretta_adp", ["--param-budget", "2688", "--adapter-bias", "false",
+                                                       *FFN_WITH_NORMS, "--parallel-adapter-modules",
+                                                       "intermediate.dense,output.dense", "--non-linearity", "gelu"]),
     "loretta_adp_10x_ffn_ln_wn_par": ("loretta_adp", ["--param-budget", "2688", "--normalize-input", "true",
                                                       "--adapter-bias", "false", "--weight-norm", "true",
                                                       *FFN_WITH_NORMS, "--parallel-adapter-modules",
@@ -199,7 +212,8 @@ ABLATIONS = ("loretta_adp_10x_ffn", "loretta_adp_10x_norm", "loretta_adp_10x_nor
              "ttlora_10x_mid", "ttlora_10x_qkvo", "ttlora_10x_bal", "ttlora_10x_ffn", "ttlora_10x_qv_ffn",
              "loretta_rep_10x_ffn", "loretta_rep_10x_ffn_ln", "loretta_rep_10x_ffn_ln_a4", "loretta_rep_noln",
              "loretta_adp_noln", "loretta_rep_lnlr", "loretta_adp_10x_ln_wn", "loretta_adp_10x_ln_wn_par",
-             "loretta_adp_10x_ffn_ln_wn_par", "loretta_adp_10x_ffn_ln_par")
+             "loretta_adp_10x_ffn_ln_wn_par", "loretta_adp_10x_ffn_ln_par", "loretta_adp_10x_ffn_ln_par_lnlr_1e2",
+             "loretta_adp_10x_ffn_ln_par_lnlr_2e2", "loretta_adp_10x_ffn_ln_par_gelu")
 # Variants that run only with a probe loaded (its folder under probes/ on PYTHONPATH, its variable set to 1).
 PROBE_VARIANTS = {"loretta_adp_10x_after_norm": ("adp_after_norm", "TTPEFT_PROBE_ADP_AFTER_NORM")}
 ENCODER_ONLY = ("head", "full")  # a causal LM scores label words and has no classification head
