@@ -287,6 +287,7 @@ def target_layers(tuner, config, model, method: str, skip: Sequence[str] = ()) -
     """The layers the tuner will adapt, found with peft's own matching (before injection)."""
     from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers
 
+    from .tuners.loretta_adp.config import adapter_widths
     from .tuners.ttlora.layer import base_layer_features
 
     _maybe_include_all_linear_layers(config, model)
@@ -305,8 +306,6 @@ def target_layers(tuner, config, model, method: str, skip: Sequence[str] = ()) -
             continue  # the tuner itself reports a target it cannot adapt
         width = up_width = None
         if method == "loretta_adp":
-            from .tuners.loretta_adp.config import adapter_widths
-
             width, up_width = adapter_widths(config.placement_of(key), int(in_features), int(out_features))
         layers.append(LayerSpec(key, int(in_features), int(out_features), width, up_width))
     return layers
