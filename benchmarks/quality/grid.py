@@ -45,6 +45,9 @@ FFN_NORMS = ",".join(f"layer.{i}.output.LayerNorm" for i in range(6))
 # LoRETTA_rep's trains on the feed-forward block with its six output norms.
 FFN_WITH_NORMS = ["--target-modules", FFN_DENSE, "--layernorm-modules", FFN_NORM_PATTERN]
 QV_FFN_DENSE = r".*layer\.\d+\.(attention\.self\.(query|value)|intermediate\.dense|output\.dense)"
+# LoRETTA_adp's rank-1-2 adapters beside the twelve feed-forward linears, with those six norms, no biases.
+ADP_FFN_LN_PAR = ["--param-budget", "2688", "--adapter-bias", "false", *FFN_WITH_NORMS,
+                  "--parallel-adapter-modules", "intermediate.dense,output.dense"]
 
 # Method variant -> (ttpeft method, extra `ttpeft train` arguments). The variant name is the grid's label.
 METHODS = {
@@ -115,22 +118,12 @@ METHODS = {
                                                   "--layernorm-modules", FFN_NORM_PATTERN,
                                                   "--parallel-adapter-modules", "output.dense"]),
     # The parallel adapters without weight norm or input scaling: up's last core starts at zero, as LoRETTA_rep's B.
-    "loretta_adp_10x_ffn_ln_par": ("loretta_adp", ["--param-budget", "2688", "--adapter-bias", "false",
-                                                   *FFN_WITH_NORMS, "--parallel-adapter-modules",
-                                                   "intermediate.dense,output.dense"]),
+    "loretta_adp_10x_ffn_ln_par": ("loretta_adp", ADP_FFN_LN_PAR),
     # loretta_adp_10x_ffn_ln_par with the norms at a rate of their own (the grid's --lr then sets the adapters'):
     # its adapters learn at 5e-3-1e-2, where loretta_adp_10x_ln_wn's norms did best at 1e-2-2e-2; and with GELU.
-    "loretta_adp_10x_ffn_ln_par_lnlr_1e2": ("loretta_adp", ["--param-budget", "2688", "--adapter-bias", "false",
-                                                           *FFN_WITH_NORMS, "--parallel-adapter-modules",
-                                                           "intermediate.dense,output.dense",
-                                                           "--layer-norm-lr", "1e-2"]),
-    "loretta_adp_10x_ffn_ln_par_lnlr_2e2": ("loretta_adp", ["--param-budget", "2688", "--adapter-bias", "false",
-                                                           *FFN_WITH_NORMS, "--parallel-adapter-modules",
-                                                           "intermediate.dense,output.dense",
-                                                           "--layer-norm-lr", "2e-2"]),
-    "loretta_adp_10x_ffn_ln_par_gelu": ("loretta_adp", ["--param-budget", "2688", "--adapter-bias", "false",
-                                                       *FFN_WITH_NORMS, "--parallel-adapter-modules",
-                                                       "intermediate.dense,output.dense", "--non-linearity", "gelu"]),
+    "loretta_adp_10x_ffn_ln_par_lnlr_1e2": ("loretta_adp", [*ADP_FFN_LN_PAR, "--layer-norm-lr", "1e-2"]),
+    "loretta_adp_10x_ffn_ln_par_lnlr_2e2": ("loretta_adp", [*ADP_FFN_LN_PAR, "--layer-norm-lr", "2e-2"]),
+    "loretta_adp_10x_ffn_ln_par_gelu": ("loretta_adp", [*ADP_FFN_LN_PAR, "--non-linearity", "gelu"]),
     "loretta_adp_10x_ffn_ln_wn_par": ("loretta_adp", ["--param-budget", "2688", "--normalize-input", "true",
                                                       "--adapter-bias", "false", "--weight-norm", "true",
                                                       *FFN_WITH_NORMS, "--parallel-adapter-modules",
